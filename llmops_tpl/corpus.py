@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['scrub', 'public_members', 'render_member', 'render_module', 'pydoc_topics', 'write_corpus']
 
-# %% ../nbs/02_corpus.ipynb #331cb800
+# %% ../nbs/02_corpus.ipynb #476f10d9
 import importlib
 import inspect
 import re
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-# %% ../nbs/02_corpus.ipynb #528f628a
+# %% ../nbs/02_corpus.ipynb #22aea01a
 _SCRUB = [(re.compile(r' at 0x[0-9a-fA-F]+'), ''), (re.compile(r'/[^\s\'"]*/site-packages/'), '<site-packages>/')]
 
 def scrub(text:str # rendered documentation
@@ -23,7 +23,7 @@ def scrub(text:str # rendered documentation
     for pat, rep in _SCRUB: text = pat.sub(rep, text)
     return text
 
-# %% ../nbs/02_corpus.ipynb #a5563b0c
+# %% ../nbs/02_corpus.ipynb #294598a3
 def public_members(module # an imported module
                   )->list[tuple[str, object]]:
     "Sorted `(name, obj)` pairs of the classes and functions `module` defines in its own package."
@@ -37,7 +37,7 @@ def public_members(module # an imported module
             out.append((name, obj))
     return out
 
-# %% ../nbs/02_corpus.ipynb #60b3618f
+# %% ../nbs/02_corpus.ipynb #94bee930
 def _signature(obj) -> str:
     try: return str(inspect.signature(obj))
     except (TypeError, ValueError): return ''
@@ -54,30 +54,40 @@ def render_member(name:str, # the name the module exports it under
             parts.append(f"### {module}.{name}.{mname}\n\n```python\n{mname}{_signature(meth)}\n```\n\n{inspect.getdoc(meth)}\n")
     return scrub('\n'.join(parts))
 
-# %% ../nbs/02_corpus.ipynb #1ff73fbb
+# %% ../nbs/02_corpus.ipynb #94d70f42
+def _page_names(names:list[str])->list[str]:
+    "Page names for `names` (in order) that stay distinct on case-insensitive file systems."
+    used, out = set(), []
+    for n in names:
+        page, i = n, 2
+        while page.lower() in used: page, i = f"{n}-{i}", i + 1
+        used.add(page.lower()); out.append(page)
+    return out
+
+# %% ../nbs/02_corpus.ipynb #271b425b
 def render_module(name:str, # dotted module name, e.g. `mlflow.tracking`
                   seen:set|None=None # qualified names already documented elsewhere, skipped here and updated
-                 )->str:
-    "Markdown for a module: its docstring, then each public member it is the first to document."
+                 )->dict[str, str]:
+    "Markdown pages of a module by page name: `index` (its docstring), then each public member it is the first to document."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         module = importlib.import_module(name)
         seen = set() if seen is None else seen
-        parts = [f"# {name}\n\n{inspect.getdoc(module) or ''}\n"]
+        pages = [('index', scrub(f"# {name}\n\n{inspect.getdoc(module) or ''}\n"))]
         for mname, obj in public_members(module):
             key = f"{obj.__module__}.{obj.__qualname__}"
             if key in seen: continue
             seen.add(key)
-            parts.append(render_member(mname, obj, name))
-    return scrub('\n'.join(parts))
+            pages.append((mname, render_member(mname, obj, name)))
+    return dict(zip(_page_names([n for n, _ in pages]), [t for _, t in pages]))
 
-# %% ../nbs/02_corpus.ipynb #d960273f
+# %% ../nbs/02_corpus.ipynb #cc5d7ebd
 def pydoc_topics()->dict[str, str]:
     "Python's language-reference topics, by name, as `help()` shows them."
     from pydoc_data.topics import topics
     return dict(sorted(topics.items()))
 
-# %% ../nbs/02_corpus.ipynb #d415d9cb
+# %% ../nbs/02_corpus.ipynb #d5ed0d64
 def write_corpus(out_dir:Path|str, # folder to write the markdown files into (created)
                  modules:list[str], # dotted module names to document
                  topics:bool=True # also write Python's pydoc topics
@@ -85,14 +95,14 @@ def write_corpus(out_dir:Path|str, # folder to write the markdown files into (cr
     "Render `modules` (and Python's topics) into `out_dir`; returns counts and the modules that failed to import."
     out_dir, seen, failed, n = Path(out_dir), set(), {}, 0
     for name in tqdm(modules, desc='documenting modules'):
-        try: text = render_module(name, seen)
+        try: pages = render_module(name, seen)
         except Exception as e:
             failed[name] = f"{type(e).__name__}: {e}"
             continue
-        path = out_dir/name.split('.')[0]/f"{name}.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        n += 1
+        folder = out_dir/name.split('.')[0]/name
+        folder.mkdir(parents=True, exist_ok=True)
+        for page, text in pages.items(): (folder/f"{page}.md").write_text(text)
+        n += len(pages)
     for topic, text in (pydoc_topics().items() if topics else []):
         path = out_dir/'python'/'topics'/f"{topic}.md"
         path.parent.mkdir(parents=True, exist_ok=True)

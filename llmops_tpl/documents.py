@@ -6,7 +6,7 @@
 __all__ = ['TEXT_SUFFIXES', 'HTML_SUFFIXES', 'SKIPPING', 'read_document', 'token_windows', 'split_sections', 'chunk_id',
            'content_hash', 'chunk_document', 'prepare_corpus', 'file_problem_counts']
 
-# %% ../nbs/03_documents.ipynb #96a8983c
+# %% ../nbs/03_documents.ipynb #af1ba6e8
 import bisect
 import codecs
 import hashlib
@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-# %% ../nbs/03_documents.ipynb #a49db1fa
+# %% ../nbs/03_documents.ipynb #9a7423d7
 TEXT_SUFFIXES = ('.md', '.markdown', '.txt', '.rst')
 HTML_SUFFIXES = ('.html', '.htm')
 SKIPPING = ('unsupported', 'empty', 'binary', 'unreadable')  # problems that leave no text to chunk
@@ -39,7 +39,7 @@ def _html_text(html:str)->str:
     for tag in soup(['script', 'style']): tag.decompose()
     return MarkdownConverter(heading_style='ATX').convert_soup(soup)
 
-# %% ../nbs/03_documents.ipynb #f27f8cbb
+# %% ../nbs/03_documents.ipynb #932d4fa2
 def read_document(path:Path|str, # a file of the corpus
                   max_bytes:int=5_000_000 # read at most this many bytes
                  )->tuple[str, list[str]]:
@@ -60,7 +60,7 @@ def read_document(path:Path|str, # a file of the corpus
     if not text.strip(): return '', problems + ['empty']
     return text, problems
 
-# %% ../nbs/03_documents.ipynb #a185958b
+# %% ../nbs/03_documents.ipynb #68e530a9
 def token_windows(offsets:list[tuple[int,int]], # (start, end) characters of each token, in order
                   size:int, # tokens per window
                   overlap:int # tokens shared by consecutive windows
@@ -73,7 +73,7 @@ def token_windows(offsets:list[tuple[int,int]], # (start, end) characters of eac
         if w: spans.append((w[0][0], w[-1][1]))
     return spans
 
-# %% ../nbs/03_documents.ipynb #5d8cb8fa
+# %% ../nbs/03_documents.ipynb #92df26bf
 _HEADING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*$', re.M)
 _FENCE = re.compile(r'^```.*?^```', re.M | re.S)
 
@@ -87,7 +87,7 @@ def split_sections(text:str # a markdown document
     ends = [s for _, s in marks[1:]] + [len(text)]
     return [(h, s, e) for (h, s), e in zip(marks, ends) if text[s:e].strip()]
 
-# %% ../nbs/03_documents.ipynb #9d6875ec
+# %% ../nbs/03_documents.ipynb #f364863c
 def chunk_id(source:str, text:str)->str:
     "A stable id for a chunk: a hash of where it comes from and what it says."
     return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:16]
@@ -96,7 +96,7 @@ def content_hash(text:str)->str:
     "A hash of a chunk's text alone: equal texts share one embedding."
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-# %% ../nbs/03_documents.ipynb #98771c87
+# %% ../nbs/03_documents.ipynb #88a24397
 def chunk_document(text:str, # the document's text
                    source:str, # its path within the corpus
                    tokenizer, # the embedder's (fast) tokenizer
@@ -119,7 +119,7 @@ def chunk_document(text:str, # the document's text
                              text=text[a:b]))
     return rows
 
-# %% ../nbs/03_documents.ipynb #0f101150
+# %% ../nbs/03_documents.ipynb #1cc94398
 def prepare_corpus(raw_dir:Path|str, # the corpus folder
                    tokenizer, # the embedder's (fast) tokenizer
                    chunk_tokens:int=200, # tokens per chunk
@@ -130,19 +130,19 @@ def prepare_corpus(raw_dir:Path|str, # the corpus folder
     "Chunks of every readable file under `raw_dir`, and a per-file table of problems and chunk counts."
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir(): raise FileNotFoundError(f"corpus folder {raw_dir} does not exist (paths.raw in params.yaml)")
-    chunks, files = [], []
+    chunks, files, seen = [], [], set()
     for path in tqdm(sorted(p for p in raw_dir.rglob('*') if p.is_file()), desc='chunking', unit='file'):
         source = path.relative_to(raw_dir).as_posix()
         text, problems = read_document(path, max_bytes)
         rows = [] if not text else chunk_document(text, source, tokenizer, chunk_tokens, overlap_tokens, strategy)
-        unique = list({r['chunk_id']: r for r in rows}.values())
+        unique = [r for r in rows if not (r['content_hash'] in seen or seen.add(r['content_hash']))]
         files.append(dict(source=source, bytes=path.stat().st_size, problems=','.join(problems),
                           chunks=len(unique), duplicate_chunks=len(rows) - len(unique)))
         chunks += unique
     cols = ['chunk_id', 'content_hash', 'source', 'title', 'section', 'start', 'end', 'n_tokens', 'text']
     return pd.DataFrame(chunks, columns=cols), pd.DataFrame(files)
 
-# %% ../nbs/03_documents.ipynb #f478b901
+# %% ../nbs/03_documents.ipynb #ef5006f1
 def file_problem_counts(files:pd.DataFrame # the per-file table of `prepare_corpus`
                        )->dict[str, int]:
     "How many files met each kind of problem, every kind listed (zero included), plus files read and chunks made."

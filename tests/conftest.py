@@ -1,0 +1,51 @@
+"Shared fixtures: a fresh-clone style copy of the project, run through the real pipeline on a small real corpus."
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# a small slice of the default corpus: real documentation, a few hundred chunks, embedded in seconds
+SMALL_MODULES = ['json', 'pathlib', 'sqlite3', 'csv', 'argparse', 'logging', 'subprocess', 'dvc.api']
+
+
+def run(args, cwd, check=True, **kw):
+    "Run a command of the installed environment in `cwd`, with its bin folder first on PATH; returns the completed process."
+    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and res.returncode: raise AssertionError(f"{args} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def read_json(path): return json.loads(Path(path).read_text())
+
+
+def clone_project(dest: Path, **params) -> Path:
+    "Copy what git would clone (tracked and new, not ignored), commit it in a new repository, and override `params.yaml` sections."
+    files = run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], ROOT).stdout.split('\0')
+    for f in filter(None, files):
+        if (ROOT/f).is_file():
+            (dest/f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT/f, dest/f)
+    p = yaml.safe_load((dest/'params.yaml').read_text())
+    for section, values in params.items(): p[section].update(values)
+    (dest/'params.yaml').write_text(yaml.safe_dump(p, sort_keys=False))
+    for cmd in (['git', 'init', '-q'], ['git', 'add', '-A'], ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'clone']):
+        run(cmd, dest)
+    return dest
+
+
+@pytest.fixture(scope='session')
+def small_project(tmp_path_factory):
+    "A fresh clone whose default corpus is `SMALL_MODULES`, after the README's main command has run in it."
+    dest = clone_project(tmp_path_factory.mktemp('project'), corpus={'modules': SMALL_MODULES, 'pydoc_topics': False},
+                         prepare={'max_file_mb': 0.05})
+    assert not (dest/'data'/'raw').exists()
+    run([BIN/'llmops-tpl', 'repro'], dest)
+    return dest
