@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ensure_corpus', 'main', 'corpus', 'repro', 'search_cmd']
 
-# %% ../nbs/05_cli.ipynb #22676b46
+# %% ../nbs/05_cli.ipynb #cell-001
 import json
 import os
 import sys
@@ -16,7 +16,7 @@ import click
 from .config import find_root, load_params, project_path
 from .corpus import write_corpus
 
-# %% ../nbs/05_cli.ipynb #48435656
+# %% ../nbs/05_cli.ipynb #cell-005
 def ensure_corpus(raw_dir:Path|str, # the corpus folder (`paths.raw`)
                   modules:list[str], # modules of the default corpus (`corpus.modules`)
                   topics:bool=True, # include Python's pydoc topics (`corpus.pydoc_topics`)
@@ -33,7 +33,7 @@ def ensure_corpus(raw_dir:Path|str, # the corpus folder (`paths.raw`)
     write_corpus(raw_dir, modules, topics)
     return 'built'
 
-# %% ../nbs/05_cli.ipynb #2df73968
+# %% ../nbs/05_cli.ipynb #cell-008
 @click.group()
 def main():
     "llmops-tpl: a notebook-first LLMOps template. Run `llmops-tpl COMMAND --help` for each command."
@@ -57,7 +57,7 @@ def repro(ctx, stages):
     os.chdir(find_root())
     ctx.exit(dvc(['repro', *stages]))
 
-# %% ../nbs/05_cli.ipynb #9fdc6cf5
+# %% ../nbs/05_cli.ipynb #cell-010
 @main.command('search')
 @click.argument('query')
 @click.option('-k', default=5, show_default=True, help='how many passages')

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['find_root', 'load_params', 'project_path', 'write_json']
 
-# %% ../nbs/00_config.ipynb #b6dd9743
+# %% ../nbs/00_config.ipynb #cell-001
 import json
 from pathlib import Path
 
 import yaml
 
-# %% ../nbs/00_config.ipynb #f6c83f05
+# %% ../nbs/00_config.ipynb #cell-005
 def find_root(start:Path|str='.' # a folder inside the project
              )->Path:
     "The project root: the nearest folder at or above `start` that holds `dvc.yaml`."
@@ -20,14 +20,14 @@ def find_root(start:Path|str='.' # a folder inside the project
         if (d/'dvc.yaml').exists(): return d
     raise FileNotFoundError(f"no dvc.yaml in {start} or above it: run this inside an llmops-tpl project")
 
-# %% ../nbs/00_config.ipynb #3df55a12
+# %% ../nbs/00_config.ipynb #cell-007
 def load_params(root:Path|str|None=None # project root; found from the working directory when None
                )->dict:
     "Every stage's parameters, as `params.yaml` holds them."
     root = find_root() if root is None else Path(root)
     return yaml.safe_load((root/'params.yaml').read_text())
 
-# %% ../nbs/00_config.ipynb #1777f4fb
+# %% ../nbs/00_config.ipynb #cell-008
 def project_path(rel:str|Path, # a path as written in `params.yaml`
                  root:Path|str|None=None # project root; found from the working directory when None
                 )->Path:
@@ -35,7 +35,7 @@ def project_path(rel:str|Path, # a path as written in `params.yaml`
     rel = Path(rel)
     return rel if rel.is_absolute() else (find_root() if root is None else Path(root))/rel
 
-# %% ../nbs/00_config.ipynb #09d3c1cc
+# %% ../nbs/00_config.ipynb #cell-011
 def write_json(obj:dict, # JSON-serialisable data
                path:Path|str # file to write; its folder is created
               )->Path:

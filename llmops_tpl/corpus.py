@@ -5,16 +5,16 @@
 # %% auto #0
 __all__ = ['scrub', 'public_members', 'render_member', 'render_module', 'pydoc_topics', 'write_corpus']
 
-# %% ../nbs/02_corpus.ipynb #476f10d9
+# %% ../nbs/02_corpus.ipynb #cell-001
 import importlib
 import inspect
 import re
 import warnings
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-# %% ../nbs/02_corpus.ipynb #22aea01a
+# %% ../nbs/02_corpus.ipynb #cell-005
 _SCRUB = [(re.compile(r' at 0x[0-9a-fA-F]+'), ''), (re.compile(r'/[^\s\'"]*/site-packages/'), '<site-packages>/')]
 
 def scrub(text:str # rendered documentation
@@ -23,21 +23,21 @@ def scrub(text:str # rendered documentation
     for pat, rep in _SCRUB: text = pat.sub(rep, text)
     return text
 
-# %% ../nbs/02_corpus.ipynb #294598a3
+# %% ../nbs/02_corpus.ipynb #cell-008
 def public_members(module # an imported module
                   )->list[tuple[str, object]]:
     "Sorted `(name, obj)` pairs of the classes and functions `module` defines in its own package."
-    top = module.__name__.split('.')[0]
+    top = module.__name__.split('.')[0].lstrip('_')
     names = getattr(module, '__all__', None) or [n for n in dir(module) if not n.startswith('_')]
     out = []
     for name in sorted(set(names)):
         try: obj = getattr(module, name)
         except Exception: continue  # lazy attributes whose optional dependency is missing
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and (getattr(obj, '__module__', '') or '').split('.')[0] == top:
-            out.append((name, obj))
+        home = (getattr(obj, '__module__', '') or '').split('.')[0].lstrip('_')
+        if (inspect.isclass(obj) or inspect.isroutine(obj)) and home == top: out.append((name, obj))
     return out
 
-# %% ../nbs/02_corpus.ipynb #94bee930
+# %% ../nbs/02_corpus.ipynb #cell-010
 def _signature(obj) -> str:
     try: return str(inspect.signature(obj))
     except (TypeError, ValueError): return ''
@@ -54,7 +54,7 @@ def render_member(name:str, # the name the module exports it under
             parts.append(f"### {module}.{name}.{mname}\n\n```python\n{mname}{_signature(meth)}\n```\n\n{inspect.getdoc(meth)}\n")
     return scrub('\n'.join(parts))
 
-# %% ../nbs/02_corpus.ipynb #94d70f42
+# %% ../nbs/02_corpus.ipynb #cell-013
 def _page_names(names:list[str])->list[str]:
     "Page names for `names` (in order) that stay distinct on case-insensitive file systems."
     used, out = set(), []
@@ -64,7 +64,7 @@ def _page_names(names:list[str])->list[str]:
         used.add(page.lower()); out.append(page)
     return out
 
-# %% ../nbs/02_corpus.ipynb #271b425b
+# %% ../nbs/02_corpus.ipynb #cell-015
 def render_module(name:str, # dotted module name, e.g. `mlflow.tracking`
                   seen:set|None=None # qualified names already documented elsewhere, skipped here and updated
                  )->dict[str, str]:
@@ -81,13 +81,13 @@ def render_module(name:str, # dotted module name, e.g. `mlflow.tracking`
             pages.append((mname, render_member(mname, obj, name)))
     return dict(zip(_page_names([n for n, _ in pages]), [t for _, t in pages]))
 
-# %% ../nbs/02_corpus.ipynb #cc5d7ebd
+# %% ../nbs/02_corpus.ipynb #cell-018
 def pydoc_topics()->dict[str, str]:
     "Python's language-reference topics, by name, as `help()` shows them."
     from pydoc_data.topics import topics
     return dict(sorted(topics.items()))
 
-# %% ../nbs/02_corpus.ipynb #d5ed0d64
+# %% ../nbs/02_corpus.ipynb #cell-021
 def write_corpus(out_dir:Path|str, # folder to write the markdown files into (created)
                  modules:list[str], # dotted module names to document
                  topics:bool=True # also write Python's pydoc topics

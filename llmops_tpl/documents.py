@@ -6,7 +6,7 @@
 __all__ = ['TEXT_SUFFIXES', 'HTML_SUFFIXES', 'SKIPPING', 'read_document', 'token_windows', 'split_sections', 'chunk_id',
            'content_hash', 'chunk_document', 'prepare_corpus', 'file_problem_counts']
 
-# %% ../nbs/03_documents.ipynb #af1ba6e8
+# %% ../nbs/03_documents.ipynb #cell-001
 import bisect
 import codecs
 import hashlib
@@ -15,9 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-# %% ../nbs/03_documents.ipynb #9a7423d7
+# %% ../nbs/03_documents.ipynb #cell-005
 TEXT_SUFFIXES = ('.md', '.markdown', '.txt', '.rst')
 HTML_SUFFIXES = ('.html', '.htm')
 SKIPPING = ('unsupported', 'empty', 'binary', 'unreadable')  # problems that leave no text to chunk
@@ -39,7 +39,7 @@ def _html_text(html:str)->str:
     for tag in soup(['script', 'style']): tag.decompose()
     return MarkdownConverter(heading_style='ATX').convert_soup(soup)
 
-# %% ../nbs/03_documents.ipynb #932d4fa2
+# %% ../nbs/03_documents.ipynb #cell-006
 def read_document(path:Path|str, # a file of the corpus
                   max_bytes:int=5_000_000 # read at most this many bytes
                  )->tuple[str, list[str]]:
@@ -60,7 +60,7 @@ def read_document(path:Path|str, # a file of the corpus
     if not text.strip(): return '', problems + ['empty']
     return text, problems
 
-# %% ../nbs/03_documents.ipynb #68e530a9
+# %% ../nbs/03_documents.ipynb #cell-009
 def token_windows(offsets:list[tuple[int,int]], # (start, end) characters of each token, in order
                   size:int, # tokens per window
                   overlap:int # tokens shared by consecutive windows
@@ -73,7 +73,7 @@ def token_windows(offsets:list[tuple[int,int]], # (start, end) characters of eac
         if w: spans.append((w[0][0], w[-1][1]))
     return spans
 
-# %% ../nbs/03_documents.ipynb #92df26bf
+# %% ../nbs/03_documents.ipynb #cell-012
 _HEADING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*$', re.M)
 _FENCE = re.compile(r'^```.*?^```', re.M | re.S)
 
@@ -87,7 +87,7 @@ def split_sections(text:str # a markdown document
     ends = [s for _, s in marks[1:]] + [len(text)]
     return [(h, s, e) for (h, s), e in zip(marks, ends) if text[s:e].strip()]
 
-# %% ../nbs/03_documents.ipynb #f364863c
+# %% ../nbs/03_documents.ipynb #cell-014
 def chunk_id(source:str, text:str)->str:
     "A stable id for a chunk: a hash of where it comes from and what it says."
     return hashlib.sha256(f"{source}\0{text}".encode()).hexdigest()[:16]
@@ -96,7 +96,7 @@ def content_hash(text:str)->str:
     "A hash of a chunk's text alone: equal texts share one embedding."
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-# %% ../nbs/03_documents.ipynb #88a24397
+# %% ../nbs/03_documents.ipynb #cell-015
 def chunk_document(text:str, # the document's text
                    source:str, # its path within the corpus
                    tokenizer, # the embedder's (fast) tokenizer
@@ -119,7 +119,7 @@ def chunk_document(text:str, # the document's text
                              text=text[a:b]))
     return rows
 
-# %% ../nbs/03_documents.ipynb #1cc94398
+# %% ../nbs/03_documents.ipynb #cell-018
 def prepare_corpus(raw_dir:Path|str, # the corpus folder
                    tokenizer, # the embedder's (fast) tokenizer
                    chunk_tokens:int=200, # tokens per chunk
@@ -142,7 +142,7 @@ def prepare_corpus(raw_dir:Path|str, # the corpus folder
     cols = ['chunk_id', 'content_hash', 'source', 'title', 'section', 'start', 'end', 'n_tokens', 'text']
     return pd.DataFrame(chunks, columns=cols), pd.DataFrame(files)
 
-# %% ../nbs/03_documents.ipynb #ef5006f1
+# %% ../nbs/03_documents.ipynb #cell-019
 def file_problem_counts(files:pd.DataFrame # the per-file table of `prepare_corpus`
                        )->dict[str, int]:
     "How many files met each kind of problem, every kind listed (zero included), plus files read and chunks made."
