@@ -11,7 +11,7 @@ def reqs(key): return cfg.get(key, '').split()
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],
     author=cfg['author'], author_email=cfg['author_email'], license=cfg['license'], url=cfg['git_url'],
-    keywords=cfg['keywords'].split(), classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
+    keywords=cfg['keywords'].split(), classifiers=['Programming Language :: Python :: 3'],
     project_urls={'Source': cfg['git_url']},
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True, python_requires='>=' + cfg['min_python'],
