@@ -64,7 +64,7 @@ def _license(package:str)->str:
 
 def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any hub id
                      hub_dir:Path|str, # the local hub: where mirrored models are converted
-                     param:str='finetune.base_model' # the parameter it came from, named in errors
+                     param:str='models.base_model' # the parameter it came from, named in errors
                     )->tuple[Path, dict]:
     "A local checkpoint folder for `base_model` and its provenance (source, weights hash, license)."
     path = Path(base_model).expanduser()

@@ -45,7 +45,8 @@ def clone_project(dest: Path, **params) -> Path:
 def small_project(tmp_path_factory):
     "A fresh clone whose default corpus is `SMALL_MODULES`, after the README's main command has run in it."
     dest = clone_project(tmp_path_factory.mktemp('project'), corpus={'modules': SMALL_MODULES, 'pydoc_topics': False},
-                         prepare={'max_file_mb': 0.05})
+                         prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
+                         finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1})
     assert not (dest/'data'/'raw').exists()
     run([BIN/'llmops-tpl', 'repro'], dest)
     return dest

