@@ -9,15 +9,16 @@ retrieved source, with the fine-tuned minus base margin. The evaluation stage (r
 import argparse
 import json
 
+import mlflow
 import pandas as pd
 
-from llmops_tpl.answers import score_answers
 from llmops_tpl.config import load_params, project_path
-from llmops_tpl.finetune import load_generator
 from llmops_tpl.index import Retriever
+from llmops_tpl.rag import LocalGenerator, RAGChain, score_answers
 
 
 def main(limit):
+    mlflow.tracing.disable()  # a benchmark: no traces
     p = load_params()
     paths = p['paths']
     retriever = Retriever(project_path(paths['index']))
@@ -25,8 +26,7 @@ def main(limit):
     base = project_path(json.loads(project_path(paths['base_model']).read_text())['path'])
     results = {}
     for name, adapter in [('base', None), ('fine-tuned', project_path(paths['adapter']))]:
-        model, tok = load_generator(base, adapter)
-        results[name] = score_answers(evl, retriever, model, tok, p['dataset']['k'])
+        results[name] = score_answers(evl, RAGChain(retriever, LocalGenerator(base, adapter), p['dataset']['k'], max_new_tokens=64))
     table = pd.DataFrame({n: {'token_f1': r.token_f1.mean(), 'similarity': r.similarity.mean(), 'cites_source': r.cites_source.mean()}
                           for n, r in results.items()})
     table['margin'] = table['fine-tuned'] - table['base']

@@ -129,16 +129,18 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
 class Retriever:
     "Nearest chunks of a query in an index folder written by `build_index`."
     def __init__(self, index_dir:Path|str, # an index folder
-                 device:str|None=None # where to embed queries
+                 device:str|None=None, # where to embed queries
+                 embedder:str|None=None # a copy of the index's embedder (a folder packed with a model); the manifest's name when None
                 ):
         index_dir = Path(index_dir)
         if not (index_dir/'manifest.json').exists():
             raise FileNotFoundError(f"no index in {index_dir}: build it with `dvc repro index` (or `llmops-tpl repro`)")
         self.manifest = json.loads((index_dir/'manifest.json').read_text())
         emb = self.manifest['embedder']
-        if embedder_identity(emb['name'])['sha256'] != emb['sha256']:
-            raise ValueError(f"embedder {emb['name']!r} here differs from the one that built {index_dir}: rebuild the index")
-        self.model = load_embedder(emb['name'], device)
+        name = embedder or emb['name']
+        if embedder_identity(name)['sha256'] != emb['sha256']:
+            raise ValueError(f"embedder {name!r} here differs from the one that built {index_dir}: rebuild the index")
+        self.model = load_embedder(name, device)
         self.chunks = pd.read_parquet(index_dir/'chunks.parquet')
         self.index = hnswlib.Index(space='cosine', dim=self.manifest['dim'])
         self.index.load_index(str(index_dir/'hnsw.bin'), max_elements=self.manifest['count'])

@@ -15,9 +15,9 @@ BIN = Path(sys.executable).parent
 SMALL_MODULES = ['json', 'pathlib', 'sqlite3', 'csv', 'argparse', 'logging', 'subprocess', 'dvc.api']
 
 
-def run(args, cwd, check=True, **kw):
-    "Run a command of the installed environment in `cwd`, with its bin folder first on PATH; returns the completed process."
-    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def run(args, cwd, check=True, env=None, **kw):
+    "Run a command of the installed environment in `cwd`, with its bin folder first on PATH (and `env` added); returns the completed process."
+    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
     if check and res.returncode: raise AssertionError(f"{args} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -46,7 +46,8 @@ def small_project(tmp_path_factory):
     "A fresh clone whose default corpus is `SMALL_MODULES`, after the README's main command has run in it."
     dest = clone_project(tmp_path_factory.mktemp('project'), corpus={'modules': SMALL_MODULES, 'pydoc_topics': False},
                          prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
-                         finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1})
+                         finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1},
+                         register={'max_new_tokens': 24}, serve={'poll_seconds': 1})
     assert not (dest/'data'/'raw').exists()
     run([BIN/'llmops-tpl', 'repro'], dest)
     return dest

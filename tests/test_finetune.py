@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from llmops_tpl.answers import generate
+from llmops_tpl.rag import LocalGenerator
 from llmops_tpl.finetune import finetune, load_generator, lora_config, sft_config
 from llmops_tpl.hub import fetch_base_model
 
@@ -53,7 +53,7 @@ def test_fine_tuned_model_loads_with_its_adapter_and_differs_from_base(base, tmp
     ids = tok.apply_chat_template(ROWS[0]['prompt'], add_generation_prompt=True, return_tensors='pt', return_dict=True)
     with torch.no_grad():
         assert not torch.allclose(tuned(**ids).logits, plain(**ids).logits), 'the adapter changes the model'
-    assert generate(tuned, tok, ROWS[0]['prompt'], max_new_tokens=8)
+    assert LocalGenerator(base, adapter).complete(ROWS[0]['prompt'], max_new_tokens=8)['text']
 
 
 def test_corrupt_adapter_folder_is_named_in_the_error(base, tmp_path):

@@ -1,0 +1,78 @@
+"""End-to-end latency of the serving endpoint, its decode speed against plain `model.generate`, and the share spent in retrieval.
+
+Usage: .venv/bin/python bench/serving.py [--requests 8] [--port 8091]
+(after `llmops-tpl repro` and `llmops-tpl approve`: it serves the project's @champion)
+
+Starts `llmops-tpl serve` as a process and sends the first `requests` held-out questions over HTTP (OpenAI chat completions), one at
+a time, then four at a time: latency p50/p95 for each. Decode speed through the endpoint is completion tokens over the whole request
+time (retrieval, prompt, decoding and HTTP included), at concurrency 1; the baseline is the same model (`LocalGenerator`, base +
+adapter) answering the same prompts (the same passages) in this process with `model.generate`, timed the same way, after the server
+is stopped. All in one run, so the ratio is meaningful on a noisy machine.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+from llmops_tpl.config import load_params, project_path
+from llmops_tpl.dataset import rag_messages
+from llmops_tpl.rag import LocalGenerator
+
+
+def ask(url, question):
+    start = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", json={'messages': [{'role': 'user', 'content': question}]}, timeout=300).json()
+    return {'question': question, 'seconds': time.perf_counter() - start, 'tokens': r['usage']['completion_tokens'],
+            'retrieval_seconds': r['retrieval_seconds'], 'passages': r['passages']}
+
+
+def percentiles(xs): return f"p50 {statistics.median(xs):6.2f} s  p95 {sorted(xs)[max(0, round(0.95 * len(xs)) - 1)]:6.2f} s"
+
+
+def main(n, port):
+    p = load_params()
+    questions = pd.read_json(project_path(p['paths']['dataset'])/'eval.jsonl', lines=True).question.head(n).tolist()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent/'llmops-tpl'), 'serve', '--port', str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, 'PATH': f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200: break
+            except httpx.TransportError: time.sleep(1)
+        else: sys.exit('the server did not become ready: is a version approved (llmops-tpl approve)?')
+        ask(url, questions[0])  # warm-up
+        one = [ask(url, q) for q in questions]
+        with ThreadPoolExecutor(4) as pool: four = list(pool.map(lambda q: ask(url, q), questions))
+    finally:
+        server.terminate(); server.wait()
+    base = json.loads(project_path(p['paths']['base_model']).read_text())
+    gen = LocalGenerator(project_path(base['path']), project_path(p['paths']['adapter']))
+    gen.complete(rag_messages(one[0]['question'], one[0]['passages']), p['register']['max_new_tokens'])  # warm-up
+    plain = []
+    for r in one:
+        start = time.perf_counter()
+        out = gen.complete(rag_messages(r['question'], r['passages']), p['register']['max_new_tokens'])
+        plain.append({'seconds': time.perf_counter() - start, 'tokens': out['completion_tokens']})
+    tps = lambda rows: sum(r['tokens'] for r in rows) / sum(r['seconds'] for r in rows)
+    print(f"{n} held-out questions, max_new_tokens {p['register']['max_new_tokens']}, serve.threads {p['serve']['threads']}")
+    print(f"concurrency 1: {percentiles([r['seconds'] for r in one])}")
+    print(f"concurrency 4: {percentiles([r['seconds'] for r in four])}  ({n / max(r['seconds'] for r in four):.2f} requests/s at best)")
+    print(f"retrieval share of latency at concurrency 1: {sum(r['retrieval_seconds'] for r in one) / sum(r['seconds'] for r in one):.1%}")
+    print(f"decode through the endpoint {tps(one):.1f} tokens/s; plain model.generate {tps(plain):.1f} tokens/s; ratio {tps(one) / tps(plain):.2f}x")
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--requests', type=int, default=8)
+    ap.add_argument('--port', type=int, default=8091)
+    a = ap.parse_args()
+    main(a.requests, a.port)

@@ -1,0 +1,192 @@
+"The registered RAG model, human approval and rollback, and the serving endpoint as a real process over HTTP."
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from openai import OpenAI
+
+from conftest import BIN, ROOT, read_json, run
+
+MODEL = 'llmops-tpl-rag'
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start(args, cwd, url, env=None, timeout=180):
+    "Start a server process and wait until `url` answers 200; returns the process."
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None: raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200: return proc
+        except httpx.TransportError: pass
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"{args} not ready after {timeout}s:\n{proc.stdout.read()[-3000:]}")
+
+
+def stop(proc):
+    proc.terminate()
+    try: proc.wait(20)
+    except subprocess.TimeoutExpired: proc.kill()
+
+
+def registry(project):
+    return mlflow.MlflowClient(f"sqlite:///{project/'mlflow.db'}")
+
+
+@pytest.fixture(scope='module')
+def approved(small_project):
+    "The registered version, after an approval was refused (no gate result) and then given with an override."
+    version = read_json(small_project/'metrics'/'register.json')['version']
+    refused = run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release'],
+                  small_project, check=False)
+    run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release',
+         '--override', 'no evaluation stage yet'], small_project)
+    return version, refused
+
+
+@pytest.fixture(scope='module')
+def server(small_project, approved):
+    port = free_port()
+    proc = start([BIN/'llmops-tpl', 'serve', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/ready")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+def test_register_logs_a_self_contained_model(small_project):
+    reg = read_json(small_project/'metrics'/'register.json')
+    assert (reg['challenger'], reg['gate']) == (False, 'none'), 'no gate result: no challenger'
+    version = registry(small_project).get_model_version(MODEL, str(reg['version']))
+    assert version.tags['gate_passed'] == 'false'
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}")
+    mlflow.set_tracking_uri(None)
+    arts = {p.name for p in (Path(local)/'artifacts').iterdir()}
+    assert arts == {'index', 'embedder', 'adapter'}, arts
+    reqs = (Path(local)/'requirements.txt').read_text().split()
+    assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
+
+
+def test_approval_needs_a_passed_gate_or_a_recorded_override(small_project, approved):
+    version, refused = approved
+    assert refused.returncode != 0 and 'did not pass its evaluation gate' in refused.stderr
+    mv = registry(small_project).get_model_version(MODEL, str(version))
+    assert (mv.tags['approved_by'], mv.tags['approval_note'], mv.tags['approval_override']) == ('ana', 'first release', 'no evaluation stage yet')
+    assert registry(small_project).get_registered_model(MODEL).aliases['champion'] == version
+
+
+def test_openai_client_gets_a_grounded_answer_with_sources(small_project, server):
+    client = OpenAI(base_url=f"{server}/v1", api_key='unused')
+    r = client.chat.completions.create(model=MODEL, messages=[{'role': 'user', 'content': 'How do I open a connection to an SQLite database?'}])
+    extra = r.model_extra
+    assert r.choices[0].message.content.strip() and r.usage.completion_tokens > 0
+    assert extra['sources'] and set(extra['sources']) <= {p['source'] for p in extra['passages']}
+    assert 'sqlite3/sqlite3/connect.md' in [p['source'] for p in extra['passages']], extra['passages']
+    assert all(0 < p['score'] <= 1 for p in extra['passages'])
+    inv = httpx.post(f"{server}/invocations", json={'input': [{'role': 'user', 'content': 'How do I open a connection to an SQLite database?'}]},
+                     timeout=120).json()
+    assert inv['output'][0]['content'][0]['text'] == r.choices[0].message.content, 'both protocols, one model'
+
+
+def test_each_request_is_traced_with_retrieval_and_generation_spans(small_project, server):
+    question = 'What does json.dumps do?'
+    OpenAI(base_url=f"{server}/v1", api_key='unused').chat.completions.create(model=MODEL, messages=[{'role': 'user', 'content': question}])
+    client = registry(small_project)
+    exp = client.get_experiment_by_name('llmops-tpl').experiment_id
+    for _ in range(20):
+        traces = [t for t in client.search_traces(locations=[exp], max_results=20) if question in json.dumps(t.data.request or '')]
+        if traces and len(traces[0].data.spans) >= 3: break
+        time.sleep(1)
+    spans = {s.name: s for s in traces[0].data.spans}
+    assert spans['retrieve'].outputs[0]['id'] and 'score' in spans['retrieve'].outputs[0]['metadata']
+    assert spans['generate'].attributes['completion_tokens'] > 0 and spans['generate'].attributes['seconds'] > 0
+
+
+def test_streamed_chat_completion_matches_the_whole_answer(server):
+    client = OpenAI(base_url=f"{server}/v1", api_key='unused')
+    messages = [{'role': 'user', 'content': 'How do I write rows to a CSV file?'}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True))
+    assert len(chunks) > 3
+    assert ''.join(c.choices[0].delta.content or '' for c in chunks).strip() == whole
+    assert chunks[-1].choices[0].finish_reason == 'stop' and chunks[-1].model_extra['sources']
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
+    chat = f"{server}/v1/chat/completions"
+    r = httpx.post(chat, content=b'{"messages": [', headers={'content-type': 'application/json'})
+    assert r.status_code == 400 and 'malformed JSON' in r.json()['error']['message']
+    r = httpx.post(chat, json={'messages': []})
+    assert r.status_code == 422 and 'non-empty list of messages' in r.json()['error']['message']
+    r = httpx.post(chat, json={'messages': [{'role': 'user', 'content': 'x' * 5000}]})
+    assert r.status_code == 413 and 'at most 4000' in r.json()['error']['message']
+    r = httpx.post(f"{server}/invocations", json={'input': [{'role': 'system', 'content': 'no question'}]})
+    assert r.status_code == 422
+    assert httpx.get(f"{server}/health").json() == {'status': 'ok'}
+    assert httpx.post(chat, json={'messages': [{'role': 'user', 'content': 'What does json.loads do?'}]}, timeout=120).status_code == 200
+
+
+def test_unknown_alias_fails_clearly(small_project):
+    res = run([BIN/'llmops-tpl', 'serve', '--alias', 'nope', '--port', str(free_port())], small_project, check=False, timeout=120)
+    assert res.returncode != 0 and f"{MODEL}@nope does not exist" in res.stderr
+
+
+def test_a_new_approval_reaches_the_server_and_rollback_returns(small_project, approved, server):
+    first, _ = approved
+    (small_project/'metrics'/'gate.json').write_text(json.dumps({'passed': True, 'checks': []}))
+    run([BIN/'dvc', 'repro', '--force', '--single-item', 'register'], small_project)
+    reg = read_json(small_project/'metrics'/'register.json')
+    assert reg['challenger'] and reg['version'] > first
+    assert registry(small_project).get_registered_model(MODEL).aliases['challenger'] == reg['version']
+    run([BIN/'llmops-tpl', 'approve', '--version', str(reg['version']), '--reviewer', 'ben', '--note', 'gate passed'], small_project)
+
+    def served_version(expected):
+        for _ in range(30):
+            if httpx.get(f"{server}/ready").json()['version'] == expected: return True
+            time.sleep(1)
+    assert served_version(reg['version']), 'the server follows @champion'
+    out = run([BIN/'llmops-tpl', 'rollback', '--reviewer', 'ana', '--note', 'answers got worse'], small_project).stdout
+    assert f"version {first}" in out and served_version(first)
+    hist = run([BIN/'llmops-tpl', 'history'], small_project).stdout
+    assert 'ben' in hist and 'answers got worse' in hist
+
+
+def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_path):
+    port, serve_port = free_port(), free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_server = start([BIN/'mlflow', 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}", '--artifacts-destination',
+                           str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port), '--workers', '1'],
+                          tmp_path, f"{uri}/health")
+    try:
+        run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
+             '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'out_dir', str(tmp_path),
+             '-p', 'tracking_uri', uri, '-p', 'registered_name', MODEL], small_project)
+        version = read_json(tmp_path/'register.json')['version']
+        env = {'MLFLOW_TRACKING_URI': uri}
+        run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'on the team server',
+             '--override', 'no gate on this server'], small_project, env=env)
+        proc = start([BIN/'llmops-tpl', 'serve', '--port', str(serve_port)], small_project, f"http://127.0.0.1:{serve_port}/ready", env=env)
+        try:
+            r = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key='unused').chat.completions.create(
+                model=MODEL, messages=[{'role': 'user', 'content': 'How do I parse command-line arguments?'}])
+            assert r.choices[0].message.content and r.model_extra['passages']
+        finally: stop(proc)
+        client = mlflow.MlflowClient(uri)
+        assert client.get_registered_model(MODEL).aliases['champion'] == version
+        assert client.get_model_version(MODEL, str(version)).tags['approved_by'] == 'ana'
+        exp = client.get_experiment_by_name('llmops-tpl').experiment_id
+        assert client.search_traces(locations=[exp], max_results=5), 'the served request was traced on the server'
+    finally: stop(mlflow_server)
