@@ -6,6 +6,8 @@
 __all__ = ['sft_config', 'CPUSFTTrainer', 'lora_config', 'finetune', 'load_generator', 'merge_adapter']
 
 # %% ../nbs/07_finetune.ipynb #cell-001
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,6 +56,13 @@ def lora_config(r:int=16, # rank of the update matrices
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or 'all-linear', task_type='CAUSAL_LM')
 
 # %% ../nbs/07_finetune.ipynb #cell-012
+_NOT_ADAPTER = shutil.ignore_patterns('optimizer.pt', 'scheduler.pt', 'rng_state*', 'trainer_state.json', 'training_args.bin')
+
+def _finished(checkpoint:str, config:SFTConfig)->list[dict]|None:
+    "The log history of `checkpoint` when it holds the last update `config` asks for, else None."
+    state = json.loads((Path(checkpoint)/'trainer_state.json').read_text())
+    return state['log_history'] if state['global_step'] >= (config.max_steps if config.max_steps > 0 else state['max_steps']) else None
+
 def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
              train_rows:list[dict], # prompt-completion examples
              out_dir:Path|str, # checkpoints and, at the end, `adapter/`
@@ -65,6 +74,11 @@ def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not train_rows: raise ValueError('the training set is empty: nothing to fine-tune on (see the dataset stage)')
+    last = get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+    adapter = Path(out_dir)/'adapter'
+    if last and (history := _finished(last, config)) is not None:
+        shutil.copytree(last, adapter, ignore=_NOT_ADAPTER, dirs_exist_ok=True)
+        return adapter, history
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32)
     trainer = CPUSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
@@ -73,8 +87,7 @@ def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
         from transformers.utils.notebook import NotebookProgressCallback  # (needs IPython: imported only in a notebook)
         trainer.remove_callback(NotebookProgressCallback)
         trainer.add_callback(ProgressCallback)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None)
-    adapter = Path(out_dir)/'adapter'
+    trainer.train(resume_from_checkpoint=last)
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     return adapter, trainer.state.log_history

@@ -34,7 +34,8 @@ def _version(name, version):
 def champion(name:str # the registered model
             )->int|None:
     "The version `@champion` points at, or None."
-    return mlflow.MlflowClient().get_registered_model(name).aliases.get('champion')
+    version = mlflow.MlflowClient().get_registered_model(name).aliases.get('champion')
+    return None if version is None else int(version)  # the SQL store gives an int, a tracking server a string
 
 def approve(name:str, # the registered model
             version:int|str, # the version to deploy

@@ -31,7 +31,7 @@ class Champion:
 
     def refresh(self)->bool:
         "Load the version the alias points at now, if it is not the one loaded; returns whether it changed."
-        try: version = mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version
+        try: version = int(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
         except mlflow.exceptions.MlflowException as e: raise LookupError(f"{self.name}@{self.alias} does not exist: {e.message}") from e
         if version == self.version: return False
         model = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")

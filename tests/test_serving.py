@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+import yaml
 from openai import OpenAI
 
 from conftest import BIN, ROOT, read_json, run
@@ -74,8 +75,9 @@ def test_register_logs_a_self_contained_model(small_project):
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}")
     mlflow.set_tracking_uri(None)
-    arts = {p.name for p in (Path(local)/'artifacts').iterdir()}
-    assert arts == {'index', 'embedder', 'adapter'}, arts
+    arts = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['artifacts']
+    assert set(arts) == {'index', 'embedder', 'adapter'}, arts
+    assert all((Path(local)/a['path']).is_dir() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
     reqs = (Path(local)/'requirements.txt').read_text().split()
     assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
 
@@ -185,7 +187,7 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
             assert r.choices[0].message.content and r.model_extra['passages']
         finally: stop(proc)
         client = mlflow.MlflowClient(uri)
-        assert client.get_registered_model(MODEL).aliases['champion'] == version
+        assert int(client.get_registered_model(MODEL).aliases['champion']) == version
         assert client.get_model_version(MODEL, str(version)).tags['approved_by'] == 'ana'
         exp = client.get_experiment_by_name('llmops-tpl').experiment_id
         assert client.search_traces(locations=[exp], max_results=5), 'the served request was traced on the server'
