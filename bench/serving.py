@@ -56,14 +56,14 @@ def main(n, port):
         server.terminate(); server.wait()
     base = json.loads(project_path(p['paths']['base_model']).read_text())
     gen = LocalGenerator(project_path(base['path']), project_path(p['paths']['adapter']))
-    gen.complete(rag_messages(one[0]['question'], one[0]['passages']), p['register']['max_new_tokens'])  # warm-up
+    gen.complete(rag_messages(one[0]['question'], one[0]['passages']), p['rag']['max_new_tokens'])  # warm-up
     plain = []
     for r in one:
         start = time.perf_counter()
-        out = gen.complete(rag_messages(r['question'], r['passages']), p['register']['max_new_tokens'])
+        out = gen.complete(rag_messages(r['question'], r['passages']), p['rag']['max_new_tokens'])
         plain.append({'seconds': time.perf_counter() - start, 'tokens': out['completion_tokens']})
     tps = lambda rows: sum(r['tokens'] for r in rows) / sum(r['seconds'] for r in rows)
-    print(f"{n} held-out questions, max_new_tokens {p['register']['max_new_tokens']}, serve.threads {p['serve']['threads']}")
+    print(f"{n} held-out questions, max_new_tokens {p['rag']['max_new_tokens']}, serve.threads {p['serve']['threads']}")
     print(f"concurrency 1: {percentiles([r['seconds'] for r in one])}")
     print(f"concurrency 4: {percentiles([r['seconds'] for r in four])}  ({n / max(r['seconds'] for r in four):.2f} requests/s at best)")
     print(f"retrieval share of latency at concurrency 1: {sum(r['retrieval_seconds'] for r in one) / sum(r['seconds'] for r in one):.1%}")

@@ -17,7 +17,7 @@ from mlflow.pyfunc import ResponsesAgent
 from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse, ResponsesAgentStreamEvent
 
 import llmops_tpl
-from .hub import fetch_base_model
+from .hub import GGUF_MIRRORS, fetch_base_model
 from .index import Retriever
 from .models import resolve_model
 from .rag import LocalGenerator, OpenAIGenerator, RAGChain
@@ -27,7 +27,7 @@ def _base_folder(artifacts:dict, cfg:dict)->Path:
     "The base model's folder: packed with the model, or fetched through the hub and checked against the recorded weights hash."
     if 'base_model' in artifacts: return Path(artifacts['base_model'])
     hub = Path(cfg['hub_dir']) if Path(cfg['hub_dir']).is_dir() else Path.home()/'.cache'/'llmops-tpl'/'hub'
-    folder, prov = fetch_base_model(cfg['base_model']['name'], hub)
+    folder, prov = fetch_base_model(cfg['base_model']['name'], hub, gguf=artifacts.get('base_gguf'))
     if prov['weights_sha256'] != cfg['base_model']['weights_sha256']:
         raise ValueError(f"base model {cfg['base_model']['name']!r} fetched here has other weights than the one this model was trained on")
     return folder
@@ -94,6 +94,7 @@ def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
     artifacts = {'index': str(index_dir), 'embedder': resolve_model(manifest['embedder']['name'], 'models.embedder')}
     if adapter_dir: artifacts['adapter'] = str(adapter_dir)
     if base_dir: artifacts['base_model'] = str(base_dir)
+    elif config.get('base_model', {}).get('name') in GGUF_MIRRORS: artifacts['base_gguf'] = str(GGUF_MIRRORS[config['base_model']['name']][1]())
     with tempfile.TemporaryDirectory() as d:
         code = Path(d)/'rag_agent.py'
         code.write_text(_AGENT_CODE)

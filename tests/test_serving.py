@@ -50,12 +50,12 @@ def registry(project):
 
 @pytest.fixture(scope='module')
 def approved(small_project):
-    "The registered version, after an approval was refused (no gate result) and then given with an override."
+    "The registered version, after an approval was refused (its gate failed) and then given with an override."
     version = read_json(small_project/'metrics'/'register.json')['version']
     refused = run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release'],
                   small_project, check=False)
     run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release',
-         '--override', 'no evaluation stage yet'], small_project)
+         '--override', 'demo of an override'], small_project)
     return version, refused
 
 
@@ -69,24 +69,40 @@ def server(small_project, approved):
 
 def test_register_logs_a_self_contained_model(small_project):
     reg = read_json(small_project/'metrics'/'register.json')
-    assert (reg['challenger'], reg['gate']) == (False, 'none'), 'no gate result: no challenger'
+    assert (reg['challenger'], reg['gate']) == (False, 'failed'), 'a failed gate: no challenger'
     version = registry(small_project).get_model_version(MODEL, str(reg['version']))
     assert version.tags['gate_passed'] == 'false'
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}")
     mlflow.set_tracking_uri(None)
     arts = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['artifacts']
-    assert set(arts) == {'index', 'embedder', 'adapter'}, arts
+    assert set(arts) == {'index', 'embedder', 'adapter', 'base_gguf'}, arts
     assert all((Path(local)/a['path']).is_dir() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
     reqs = (Path(local)/'requirements.txt').read_text().split()
     assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
+
+
+def test_a_registered_version_replays_with_nothing_but_its_artifacts(small_project, tmp_path):
+    "As on another machine: no project, an empty home (no model hub), the model's folder alone."
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path/'model')))
+    mlflow.set_tracking_uri(None)
+    mlmodel = yaml.safe_load((local/'MLmodel').read_text())
+    mlmodel['flavors']['python_function']['config']['hub_dir'] = str(tmp_path/'no-such-hub')
+    (local/'MLmodel').write_text(yaml.safe_dump(mlmodel))
+    code = ("import mlflow; m = mlflow.pyfunc.load_model('model'); "
+            "r = m.predict({'input': [{'role': 'user', 'content': 'How do I parse JSON text?'}]}); print(r['custom_outputs']['passages'][0]['source'])")
+    res = run([BIN/'python', '-c', code], tmp_path, env={'HOME': str(tmp_path), 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"}, timeout=600)
+    assert res.stdout.strip().endswith('.md')
+    rebuilt = list((tmp_path/'.cache'/'llmops-tpl'/'hub').glob('*/model.safetensors'))
+    assert rebuilt, 'the base model was rebuilt from the GGUF packed with the model'
 
 
 def test_approval_needs_a_passed_gate_or_a_recorded_override(small_project, approved):
     version, refused = approved
     assert refused.returncode != 0 and 'did not pass its evaluation gate' in refused.stderr
     mv = registry(small_project).get_model_version(MODEL, str(version))
-    assert (mv.tags['approved_by'], mv.tags['approval_note'], mv.tags['approval_override']) == ('ana', 'first release', 'no evaluation stage yet')
+    assert (mv.tags['approved_by'], mv.tags['approval_note'], mv.tags['approval_override']) == ('ana', 'first release', 'demo of an override')
     assert registry(small_project).get_registered_model(MODEL).aliases['champion'] == version
 
 
