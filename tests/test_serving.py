@@ -133,6 +133,16 @@ def test_each_request_is_traced_with_retrieval_and_generation_spans(small_projec
     assert spans['generate'].attributes['completion_tokens'] > 0 and spans['generate'].attributes['seconds'] > 0
 
 
+def test_the_chains_http_backend_answers_through_an_openai_compatible_endpoint(small_project, server):
+    from llmops_tpl.index import Retriever
+    from llmops_tpl.rag import OpenAIGenerator, RAGChain
+    chain = RAGChain(Retriever(small_project/'data'/'index'), OpenAIGenerator(f"{server}/v1", MODEL, timeout=120), k=2, max_new_tokens=24)
+    res = chain.answer('How do I serialize an object to a JSON string?')
+    assert res['answer'] and res['generator'] == MODEL and res['usage']['completion_tokens'] > 0
+    assert [p['source'] for p in res['passages']] and all(p['score'] > 0 for p in res['passages'])
+    assert ''.join(chain.generator.stream([{'role': 'user', 'content': 'What does json.loads do?'}], 16)).strip()
+
+
 def test_streamed_chat_completion_matches_the_whole_answer(server):
     client = OpenAI(base_url=f"{server}/v1", api_key='unused')
     messages = [{'role': 'user', 'content': 'How do I write rows to a CSV file?'}]
