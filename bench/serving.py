@@ -6,8 +6,8 @@ Usage: .venv/bin/python bench/serving.py [--requests 8] [--port 8091]
 Starts `llmops-tpl serve` as a process and sends the first `requests` held-out questions over HTTP (OpenAI chat completions), one at
 a time, then four at a time: latency p50/p95 for each. Decode speed through the endpoint is completion tokens over the whole request
 time (retrieval, prompt, decoding and HTTP included), at concurrency 1; the baseline is the same model (`LocalGenerator`, base +
-adapter) answering the same prompts (the same passages) in this process with `model.generate`, timed the same way, after the server
-is stopped. All in one run, so the ratio is meaningful on a noisy machine.
+adapter) answering the same prompts (the same passages) in this process with `model.generate`, timed the same way. The two alternate,
+question by question (the server idles while the baseline runs), so drifts of this noisy machine hit both alike.
 """
 import argparse
 import json
@@ -49,19 +49,19 @@ def main(n, port):
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200: break
             except httpx.TransportError: time.sleep(1)
         else: sys.exit('the server did not become ready: is a version approved (llmops-tpl approve)?')
-        ask(url, questions[0])  # warm-up
-        one = [ask(url, q) for q in questions]
+        base = json.loads(project_path(p['paths']['base_model']).read_text())
+        gen = LocalGenerator(project_path(base['path']), project_path(p['paths']['adapter']))
+        warm = ask(url, questions[0])
+        gen.complete(rag_messages(warm['question'], warm['passages']), p['rag']['max_new_tokens'])
+        one, plain = [], []
+        for q in questions:  # endpoint, then the plain model on the same prompt
+            one.append(ask(url, q))
+            start = time.perf_counter()
+            out = gen.complete(rag_messages(q, one[-1]['passages']), p['rag']['max_new_tokens'])
+            plain.append({'seconds': time.perf_counter() - start, 'tokens': out['completion_tokens']})
         with ThreadPoolExecutor(4) as pool: four = list(pool.map(lambda q: ask(url, q), questions))
     finally:
         server.terminate(); server.wait()
-    base = json.loads(project_path(p['paths']['base_model']).read_text())
-    gen = LocalGenerator(project_path(base['path']), project_path(p['paths']['adapter']))
-    gen.complete(rag_messages(one[0]['question'], one[0]['passages']), p['rag']['max_new_tokens'])  # warm-up
-    plain = []
-    for r in one:
-        start = time.perf_counter()
-        out = gen.complete(rag_messages(r['question'], r['passages']), p['rag']['max_new_tokens'])
-        plain.append({'seconds': time.perf_counter() - start, 'tokens': out['completion_tokens']})
     tps = lambda rows: sum(r['tokens'] for r in rows) / sum(r['seconds'] for r in rows)
     print(f"{n} held-out questions, max_new_tokens {p['rag']['max_new_tokens']}, serve.threads {p['serve']['threads']}")
     print(f"concurrency 1: {percentiles([r['seconds'] for r in one])}")

@@ -77,7 +77,7 @@ def test_register_logs_a_self_contained_model(small_project):
     mlflow.set_tracking_uri(None)
     arts = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['artifacts']
     assert set(arts) == {'index', 'embedder', 'adapter', 'base_gguf'}, arts
-    assert all((Path(local)/a['path']).is_dir() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
+    assert all((Path(local)/a['path']).exists() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
     reqs = (Path(local)/'requirements.txt').read_text().split()
     assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
 
@@ -212,9 +212,12 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
                 model=MODEL, messages=[{'role': 'user', 'content': 'How do I parse command-line arguments?'}])
             assert r.choices[0].message.content and r.model_extra['passages']
         finally: stop(proc)
-        client = mlflow.MlflowClient(uri)
+        mlflow.set_tracking_uri(uri)  # trace data is read through the server's artifact proxy, which needs the global URI
+        client = mlflow.MlflowClient()
         assert int(client.get_registered_model(MODEL).aliases['champion']) == version
         assert client.get_model_version(MODEL, str(version)).tags['approved_by'] == 'ana'
         exp = client.get_experiment_by_name('llmops-tpl').experiment_id
         assert client.search_traces(locations=[exp], max_results=5), 'the served request was traced on the server'
-    finally: stop(mlflow_server)
+    finally:
+        mlflow.set_tracking_uri(None)
+        stop(mlflow_server)
