@@ -211,13 +211,16 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
             r = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key='unused').chat.completions.create(
                 model=MODEL, messages=[{'role': 'user', 'content': 'How do I parse command-line arguments?'}])
             assert r.choices[0].message.content and r.model_extra['passages']
+            mlflow.set_tracking_uri(uri)  # trace data is read through the server's artifact proxy, which needs the global URI
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name('llmops-tpl').experiment_id
+            for _ in range(30):  # traces are exported in the background
+                if traces := client.search_traces(locations=[exp], max_results=5): break
+                time.sleep(1)
+            assert traces and {'retrieve', 'generate'} <= {s.name for s in traces[0].data.spans}, 'the request was traced on the server'
         finally: stop(proc)
-        mlflow.set_tracking_uri(uri)  # trace data is read through the server's artifact proxy, which needs the global URI
-        client = mlflow.MlflowClient()
         assert int(client.get_registered_model(MODEL).aliases['champion']) == version
         assert client.get_model_version(MODEL, str(version)).tags['approved_by'] == 'ana'
-        exp = client.get_experiment_by_name('llmops-tpl').experiment_id
-        assert client.search_traces(locations=[exp], max_results=5), 'the served request was traced on the server'
     finally:
         mlflow.set_tracking_uri(None)
         stop(mlflow_server)
