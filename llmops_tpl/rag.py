@@ -126,10 +126,11 @@ class RAGChain:
               )->dict:
         "The answer to `question`, its sources, the passages with scores, token usage, retrieval and generation time."
         passages, retrieval_seconds = self._timed_retrieve(question)
+        messages = rag_messages(question, passages)
         with mlflow.start_span('generate', span_type=SpanType.LLM) as span:
-            span.set_inputs({'messages': rag_messages(question, passages), 'generator': self.generator.name})
+            span.set_inputs({'messages': messages, 'generator': self.generator.name})
             start = time.perf_counter()
-            out = self.generator.complete(rag_messages(question, passages), self.max_new_tokens)
+            out = self.generator.complete(messages, self.max_new_tokens)
             seconds = time.perf_counter() - start
             span.set_outputs(out['text'])
             span.set_attributes({'prompt_tokens': out['prompt_tokens'], 'completion_tokens': out['completion_tokens'], 'seconds': seconds})
@@ -141,10 +142,11 @@ class RAGChain:
         "`{'passages': ...}` first, then `{'delta': text}` pieces, then the whole result as `answer` returns it."
         passages, retrieval_seconds = self._timed_retrieve(question)
         yield {'passages': passages}
+        messages = rag_messages(question, passages)
         with mlflow.start_span('generate', span_type=SpanType.LLM) as span:
-            span.set_inputs({'messages': rag_messages(question, passages), 'generator': self.generator.name})
+            span.set_inputs({'messages': messages, 'generator': self.generator.name})
             start, pieces = time.perf_counter(), []
-            for piece in self.generator.stream(rag_messages(question, passages), self.max_new_tokens):
+            for piece in self.generator.stream(messages, self.max_new_tokens):
                 pieces.append(piece)
                 yield {'delta': piece}
             seconds, text = time.perf_counter() - start, ''.join(pieces).strip()
