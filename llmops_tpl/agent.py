@@ -33,12 +33,13 @@ def _base_folder(artifacts:dict, cfg:dict)->Path:
     return folder
 
 def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedder`, `adapter`, optionally `base_model`)
-                cfg:dict # the model's config: `generator`, `k`, `max_new_tokens`, and the generator's settings
+                cfg:dict # the model's config: `generator`, `k`, `max_new_tokens`, and the generator's settings (for `openai`: `base_url`, `model`, `timeout`, `max_retries`)
                )->RAGChain:
     "The RAG chain a logged model describes."
     retriever = Retriever(artifacts['index'], embedder=artifacts['embedder'])
     if cfg['generator'] == 'local': generator = LocalGenerator(_base_folder(artifacts, cfg), artifacts.get('adapter'))
-    elif cfg['generator'] == 'openai': generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env', 'OPENAI_API_KEY'))
+    elif cfg['generator'] == 'openai':
+        generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env'), cfg.get('timeout', 60), cfg.get('max_retries', 2))
     else: raise ValueError(f"unknown generator {cfg['generator']!r}: use 'local' or 'openai'")
     return RAGChain(retriever, generator, cfg['k'], cfg['max_new_tokens'])
 
