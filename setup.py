@@ -18,6 +18,7 @@ setuptools.setup(
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements')},
     entry_points={'console_scripts': cfg.get('console_scripts', '').split(),
-                  'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+                  'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+                  'mlflow.app': ['llmops-tpl=llmops_tpl.gateway:server_app']},  # `mlflow server --app-name llmops-tpl`: the gateway with rate limits
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
     zip_safe=False)

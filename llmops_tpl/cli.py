@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ensure_corpus', 'main', 'corpus', 'repro', 'search_cmd', 'merge', 'tracking_uri', 'approve', 'rollback', 'history',
-           'serve']
+           'serve', 'gateway']
 
 # %% ../nbs/13_cli.ipynb #cell-001
 import json
@@ -140,7 +140,7 @@ def history():
 @click.option('--host', default=None, help='address to bind [default: serve.host]')
 @click.option('--port', default=None, type=int, help='port [default: serve.port]')
 def serve(alias, host, port):
-    "Serve the RAG model's @champion over HTTP: /invocations, /v1/chat/completions, /health, /ready."
+    "Serve the RAG model's @champion over HTTP: /invocations, /v1/chat/completions, its LLM alone on /llm/v1/chat/completions, /health, /ready."
     import torch
     import uvicorn
     from llmops_tpl.serve import Champion, create_app
@@ -149,4 +149,33 @@ def serve(alias, host, port):
     torch.set_num_threads(s['threads'])
     try: champion = Champion(name, alias)
     except LookupError as e: raise click.ClickException(f"{e}; approve a version first (llmops-tpl approve)")
-    uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds']), host=host or s['host'], port=port or s['port'])
+    uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars']), host=host or s['host'], port=port or s['port'])
+
+# %% ../nbs/13_cli.ipynb #cell-022
+@main.command()
+@click.option('--host', default=None, help='address to bind [default: gateway.host]')
+@click.option('--port', default=None, type=int, help='port [default: gateway.port]')
+@click.option('--selfhosted-url', default=None, help='where `llmops-tpl serve` answers [default: gateway.selfhosted_url]')
+def gateway(host, port, selfhosted_url):
+    "Start MLflow's AI gateway on the project's tracking database, apply `gateway.endpoints`, and serve until stopped."
+    import signal
+    from llmops_tpl.gateway import apply_gateway, gateway_env, openai_base_url, plan_gateway, start_gateway, stop_gateway
+    params = load_params()
+    g = params['gateway']
+    try: plans = plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'])
+    except ValueError as e: raise click.ClickException(str(e))
+    uri = os.environ.get('MLFLOW_TRACKING_URI') or tracking_uri(params['mlflow']['tracking_uri'])
+    if uri.startswith(('http://', 'https://')):
+        click.echo(apply_gateway(uri, plans).to_string(index=False))
+        return click.echo(f"applied to the gateway of {uri}; clients use base_url {openai_base_url(uri)}")
+    if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
+        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase", err=True)
+    url = f"http://{host or g['host']}:{port or g['port']}"
+    try: proc = start_gateway(uri, project_path('mlruns'), host or g['host'], port or g['port'], gateway_env(plans, g['upstream_timeout_seconds']))
+    except RuntimeError as e: raise click.ClickException(str(e))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
+    try:
+        click.echo(apply_gateway(url, plans).to_string(index=False))
+        click.echo(f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model (Ctrl-C stops it)")
+        proc.wait()
+    finally: stop_gateway(proc)
