@@ -32,15 +32,20 @@ class LocalGenerator:
         self.name = Path(adapter_dir or base_dir).name
         self._lock = threading.Lock()  # one generation at a time: on a small CPU, concurrent ones only slow each other down
 
-    def _inputs(self, messages): return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)
+    def _inputs(self, messages, prefix=''):
+        if not prefix: return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix  # the reply starts with `prefix`
+        return self.tokenizer(text, return_tensors='pt', add_special_tokens=False)
 
     def complete(self, messages:list[dict], # chat messages
-                 max_new_tokens:int=128 # reply length limit
+                 max_new_tokens:int=128, # reply length limit
+                 json_mode:bool=False # start the reply with `{"`, so that a small model answers with a JSON object
                 )->dict:
         "The reply `text`, with `prompt_tokens` and `completion_tokens`."
-        ids = self._inputs(messages)
+        prefix = '{"' if json_mode else ''
+        ids = self._inputs(messages, prefix)
         with self._lock: out = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0][ids['input_ids'].shape[1]:]
-        return {'text': self.tokenizer.decode(out, skip_special_tokens=True).strip(), 'prompt_tokens': ids['input_ids'].shape[1],
+        return {'text': (prefix + self.tokenizer.decode(out, skip_special_tokens=True)).strip(), 'prompt_tokens': ids['input_ids'].shape[1],
                 'completion_tokens': len(out)}
 
     def stream(self, messages:list[dict], # chat messages
@@ -79,9 +84,9 @@ class OpenAIGenerator:
             raise GeneratorError(f"{self.name} at {self.client.base_url} did not answer after {1 + self.client.max_retries} tries "
                                  f"(timeout {self.client.timeout} s each): {getattr(e, 'status_code', None) or type(e).__name__} {e.message}") from e
 
-    def complete(self, messages:list[dict], max_new_tokens:int=128)->dict:
-        "The reply `text`, with `prompt_tokens` and `completion_tokens` as the endpoint reports them."
-        r = self._create(messages, max_new_tokens)
+    def complete(self, messages:list[dict], max_new_tokens:int=128, json_mode:bool=False)->dict:
+        "The reply `text`, with `prompt_tokens` and `completion_tokens` as the endpoint reports them; `json_mode` asks for a JSON object."
+        r = self._create(messages, max_new_tokens, **({'response_format': {'type': 'json_object'}} if json_mode else {}))
         u = r.usage
         return {'text': (r.choices[0].message.content or '').strip(), 'prompt_tokens': u and u.prompt_tokens, 'completion_tokens': u and u.completion_tokens}
 

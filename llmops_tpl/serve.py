@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Champion', 'RequestError', 'read_body', 'check_messages', 'check_chat', 'threaded', 'chat_chunks', 'text_events',
-           'create_app']
+           'llm_router', 'create_app']
 
 # %% ../nbs/12_serve.ipynb #cell-001
 import json
@@ -15,7 +15,7 @@ import uuid
 from typing import Callable, Iterator
 
 import mlflow
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -133,6 +133,29 @@ def text_events(pieces:Iterator[str] # text as a generator decodes it
     for p in pieces: yield {'type': 'response.output_text.delta', 'delta': p}
     yield {'type': 'response.output_item.done'}
 
+# %% ../nbs/12_serve.ipynb #cell-022
+def llm_router(generator:Callable[[], object], # returns the generator to use now (`LocalGenerator` or `OpenAIGenerator`)
+               name:str, # the model name to report
+               max_chars:int=16000 # longest conversation accepted (413 above it)
+              )->APIRouter:
+    "`POST /v1/chat/completions` answered by a generator alone, no retrieval: an OpenAI-compatible LLM (`response_format` JSON honoured when not streamed)."
+    router = APIRouter()
+
+    @router.post('/v1/chat/completions')
+    async def llm_chat(request:Request):
+        body = await read_body(request)
+        messages, llm = check_chat(body.get('messages'), max_chars), generator()
+        max_tokens = body.get('max_completion_tokens') or body.get('max_tokens') or 128
+        if not isinstance(max_tokens, int) or max_tokens < 1: raise RequestError(422, 'max_tokens must be a positive integer')
+        max_tokens = min(max_tokens, 1024)
+        if body.get('stream'):
+            return StreamingResponse(chat_chunks(threaded(lambda: text_events(llm.stream(messages, max_tokens))), name), media_type='text/event-stream')
+        json_mode = (body.get('response_format') or {}).get('type') in ('json_object', 'json_schema')
+        out = await run_in_threadpool(llm.complete, messages, max_tokens, json_mode)
+        return _completion(name, out['text'], {'usage': out})
+
+    return router
+
 # %% ../nbs/12_serve.ipynb #cell-015
 def create_app(champion:Champion, # the model to serve
                max_prompt_chars:int=4000, # longest question accepted (413 above it)
@@ -182,17 +205,5 @@ def create_app(champion:Champion, # the model to serve
         res = (await run_in_threadpool(agent.predict, req)).model_dump(exclude_none=True)
         return _completion(champion.name, res['output'][0]['content'][0]['text'], res.get('custom_outputs') or {})
 
-    @app.post('/llm/v1/chat/completions')
-    async def llm_chat(request:Request):
-        body = await read_body(request)
-        messages = check_chat(body.get('messages'), max_llm_prompt_chars)
-        generator, name = champion.model.get_raw_model().chain.generator, f"{champion.name}-llm"
-        max_tokens = body.get('max_completion_tokens') or body.get('max_tokens') or 128
-        if not isinstance(max_tokens, int) or max_tokens < 1: raise RequestError(422, 'max_tokens must be a positive integer')
-        max_tokens = min(max_tokens, 1024)
-        if body.get('stream'):
-            return StreamingResponse(chat_chunks(threaded(lambda: text_events(generator.stream(messages, max_tokens))), name), media_type='text/event-stream')
-        out = await run_in_threadpool(generator.complete, messages, max_tokens)
-        return _completion(name, out['text'], {'usage': out})
-
+    app.include_router(llm_router(lambda: champion.model.get_raw_model().chain.generator, f"{champion.name}-llm", max_llm_prompt_chars), prefix='/llm')
     return app

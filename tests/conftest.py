@@ -2,10 +2,13 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -53,3 +56,52 @@ def small_project(tmp_path_factory):
     assert not (dest/'data'/'raw').exists()
     run([BIN/'llmops-tpl', 'repro'], dest)
     return dest
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start(args, cwd, url, env=None, timeout=180, log=None):
+    "Start a server process (its output to the file `log`, or a pipe) and wait until `url` answers 200; returns the process."
+    out = open(log, 'a') if log else subprocess.PIPE
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    output = lambda: (Path(log).read_text() if log else proc.stdout.read())[-3000:]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None: raise AssertionError(f"{args} exited {proc.returncode}:\n{output()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200: return proc
+        except httpx.TransportError: pass
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"{args} not ready after {timeout}s:\n{output()}")
+
+
+def stop(proc):
+    proc.terminate()
+    try: proc.wait(20)
+    except subprocess.TimeoutExpired: proc.kill()
+
+
+@pytest.fixture(scope='session')
+def approved(small_project):
+    "The registered version, after an approval was refused (its gate failed) and then given with an override."
+    version = read_json(small_project/'metrics'/'register.json')['version']
+    refused = run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release'],
+                  small_project, check=False)
+    run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release',
+         '--override', 'demo of an override'], small_project)
+    return version, refused
+
+
+@pytest.fixture(scope='session')
+def server(small_project, approved):
+    "`llmops-tpl serve` of the approved version, on a free port."
+    port = free_port()
+    proc = start([BIN/'llmops-tpl', 'serve', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/ready")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)

@@ -1,70 +1,20 @@
 "The registered RAG model, human approval and rollback, and the serving endpoint as a real process over HTTP."
 import json
-import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import mlflow
-import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import BIN, ROOT, read_json, run
+from conftest import BIN, free_port, read_json, run, start, stop
 
 MODEL = 'llmops-tpl-rag'
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def start(args, cwd, url, env=None, timeout=180):
-    "Start a server process and wait until `url` answers 200; returns the process."
-    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None: raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200: return proc
-        except httpx.TransportError: pass
-        time.sleep(1)
-    proc.kill()
-    raise AssertionError(f"{args} not ready after {timeout}s:\n{proc.stdout.read()[-3000:]}")
-
-
-def stop(proc):
-    proc.terminate()
-    try: proc.wait(20)
-    except subprocess.TimeoutExpired: proc.kill()
-
-
 def registry(project):
     return mlflow.MlflowClient(f"sqlite:///{project/'mlflow.db'}")
-
-
-@pytest.fixture(scope='module')
-def approved(small_project):
-    "The registered version, after an approval was refused (its gate failed) and then given with an override."
-    version = read_json(small_project/'metrics'/'register.json')['version']
-    refused = run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release'],
-                  small_project, check=False)
-    run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'first release',
-         '--override', 'demo of an override'], small_project)
-    return version, refused
-
-
-@pytest.fixture(scope='module')
-def server(small_project, approved):
-    port = free_port()
-    proc = start([BIN/'llmops-tpl', 'serve', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/ready")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
 
 
 def test_register_logs_a_self_contained_model(small_project):
@@ -197,7 +147,7 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
     uri = f"http://127.0.0.1:{port}"
     mlflow_server = start([BIN/'mlflow', 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}", '--artifacts-destination',
                            str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port), '--workers', '1'],
-                          tmp_path, f"{uri}/health")
+                          tmp_path, f"{uri}/health", env={'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'})  # no job runner: it outlives the server
     try:
         run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
              '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'out_dir', str(tmp_path),

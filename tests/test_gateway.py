@@ -1,0 +1,170 @@
+"The AI gateway as real processes: `llmops-tpl gateway` (MLflow's server) in front of served models, with budgets, rate limits and fallbacks."
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import mlflow
+import openai
+import pytest
+import yaml
+from openai import OpenAI
+
+from conftest import BIN, free_port, read_json, run, start, stop
+from llmops_tpl.gateway import endpoint_usage, gateway_env, openai_base_url, plan_gateway, start_gateway
+from llmops_tpl.rag import GeneratorError, OpenAIGenerator
+
+KEY = f"sk-test-{uuid.uuid4().hex}"  # a dummy vendor key: it must reach the gateway and nowhere else
+QUESTION = [{'role': 'user', 'content': 'How do I read a JSON file in Python?'}]
+# about 120 prompt tokens: at o1-pro's price ($150 per million) one request costs more than the $0.01 budget below
+LONG_QUESTION = [{'role': 'user', 'content': 'Explain, step by step and with care, ' + 'how the json module parses a file, ' * 12}]
+
+
+@pytest.fixture(scope='module')
+def gateway(small_project, server, tmp_path_factory):
+    "The small project's gateway with test endpoints beside its defaults, a dummy vendor key set, and a second served model as the 'vendor'."
+    logs = tmp_path_factory.mktemp('logs')
+    vendor_port, gateway_port, dead_port = free_port(), free_port(), free_port()
+    vendor = start([BIN/'llmops-tpl', 'serve', '--port', str(vendor_port)], small_project, f"http://127.0.0.1:{vendor_port}/ready", log=logs/'vendor.log')
+    params_file = small_project/'params.yaml'
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params['gateway']['selfhosted_url'] = server
+    params['gateway']['endpoints'] |= {
+        'vendor': {'provider': 'openai', 'model': 'gpt-4o-mini', 'key_env': 'TEST_VENDOR_KEY', 'api_base': f"http://127.0.0.1:{vendor_port}/llm/v1",
+                   'fallback': 'champion-llm'},
+        'vendor-down': {'provider': 'openai', 'model': 'gpt-4o-mini', 'key_env': 'TEST_VENDOR_KEY', 'api_base': f"http://127.0.0.1:{dead_port}/v1"},
+        'budgeted': {'provider': 'openai', 'model': 'o1-pro', 'key_env': 'TEST_UNSET_KEY', 'budget_usd': 0.01, 'budget_per': 'day'},
+        'limited': {'provider': 'selfhosted', 'path': '/llm/v1', 'model': 'llmops-tpl-rag-llm', 'rate_limit': '2/minute'}}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    url = f"http://127.0.0.1:{gateway_port}"
+    env = {'TEST_VENDOR_KEY': KEY, 'OPENAI_API_KEY': '', 'ANTHROPIC_API_KEY': ''}  # no real vendor: their endpoints run offline
+    state = {'url': url, 'logs': logs, 'vendor': vendor, 'plans': plan_gateway(params['gateway']['endpoints'], server, env),
+             'proc': start([BIN/'llmops-tpl', 'gateway', '--port', str(gateway_port)], small_project, f"{url}/health", env=env, log=logs/'gateway.log')}
+    for _ in range(60):  # the configuration is applied once the server is up
+        if 'gateway ready' in (logs/'gateway.log').read_text(): break
+        time.sleep(1)
+    yield state
+    stop(state['proc'])
+    if state['vendor'].poll() is None: stop(state['vendor'])
+    params_file.write_text(original)
+
+
+def client(gateway, retries=0): return OpenAI(base_url=openai_base_url(gateway['url']), api_key='unused', max_retries=retries)
+
+
+def ask(gateway, endpoint, messages=QUESTION, **kw):
+    return client(gateway).chat.completions.create(model=endpoint, messages=messages, max_tokens=16, **kw)
+
+
+def traces(gateway, endpoint, n, priced=False):
+    "The gateway's usage rows for `endpoint`, once there are `n`, finished (and, if `priced`, with their cost): the server writes them in the background."
+    for _ in range(60):
+        rows = endpoint_usage(gateway['url'], endpoint)
+        done = len(rows) >= n and not (rows.state == 'IN_PROGRESS').any()
+        if done and (not priced or rows[rows.state == 'OK'].cost_usd.notna().all()): return rows
+        time.sleep(0.5)
+    raise AssertionError(f"{len(rows)} traces of {endpoint}, expected {n}")
+
+
+def span_names(gateway, trace_id):
+    "The names of a gateway trace's spans, once its root span is written."
+    mlflow.set_tracking_uri(gateway['url'])  # span data is read through the tracking server's artifact proxy
+    for _ in range(60):
+        names = [s.name for s in mlflow.get_trace(trace_id).data.spans]
+        if any(n.startswith('gateway/') for n in names): return names
+        time.sleep(0.5)
+    raise AssertionError(f"trace {trace_id} has no root span: {names}")
+
+
+def test_openai_client_answers_through_the_gateway_with_usage_and_cost(gateway):
+    vendor = ask(gateway, 'openai-chat')  # no OPENAI_API_KEY: the self-hosted LLM stands in for the vendor
+    assert vendor.choices[0].message.content and vendor.usage.prompt_tokens > 0
+    rag = ask(gateway, 'champion')
+    assert rag.choices[0].message.content
+    streamed = ''.join(c.choices[0].delta.content or '' for c in ask(gateway, 'champion-llm', stream=True) if c.choices)
+    assert streamed.strip()
+    usage = traces(gateway, 'openai-chat', 1, priced=True)
+    assert usage.state.tolist() == ['OK'] and usage.input_tokens[0] == vendor.usage.prompt_tokens
+    assert usage.cost_usd[0] > 0, 'priced as gpt-4o-mini'
+
+
+def test_rate_limit_rejects_with_the_limit_that_was_hit(gateway):
+    for _ in range(2): ask(gateway, 'limited')
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(gateway, 'limited')
+    assert refused.value.status_code == 429
+    assert "Rate limit exceeded for gateway endpoint 'limited': 2/minute" in str(refused.value)
+    assert 0 < int(refused.value.response.headers['retry-after']) <= 60
+    assert ask(gateway, 'champion-llm').choices, 'another endpoint is not limited'
+
+
+def test_budget_rejects_past_its_limit(gateway):
+    first = ask(gateway, 'budgeted', LONG_QUESTION)
+    assert first.usage.prompt_tokens * 150e-6 > 0.01  # o1-pro's input price: this request alone spends the budget
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(gateway, 'budgeted', LONG_QUESTION)
+    assert refused.value.status_code == 429
+    assert 'Budget limit exceeded. Limit: $0.01 USD per 1 day' in str(refused.value)
+
+
+def test_fallback_answers_when_the_upstream_stops_and_a_dead_upstream_fails_clearly(gateway):
+    assert ask(gateway, 'vendor').choices[0].message.content
+    stop(gateway['vendor'])
+    assert ask(gateway, 'vendor').choices[0].message.content, 'answered by the fallback endpoint'
+    spans = span_names(gateway, traces(gateway, 'vendor', 2).trace_id.iloc[-1])
+    assert {'provider/openai/gpt-4o-mini', 'provider/openai/llmops-tpl-rag-llm'} <= set(spans), spans  # the vendor failed, the fallback answered
+    started = time.monotonic()
+    with pytest.raises(GeneratorError, match=r"vendor-down at .* did not answer after 3 tries \(timeout 20 s each\): 500"):
+        OpenAIGenerator(openai_base_url(gateway['url']), 'vendor-down', timeout=20, max_retries=2).complete(QUESTION, 8)  # the chain's HTTP backend
+    assert time.monotonic() - started < 30, 'bounded retries, then the error'
+    assert traces(gateway, 'vendor-down', 3).state.tolist() == ['ERROR'] * 3, 'each try reached the gateway'
+    assert 'Cannot connect to host 127.0.0.1' in (gateway['logs']/'gateway.log').read_text(), 'the gateway logs the cause'
+
+
+def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(gateway, small_project, tmp_path):
+    stage = lambda nb, *params: run([BIN/'papermill', f"nbs/stages/{nb}.ipynb", str(tmp_path/f"{nb}.ipynb"), '-p', 'out_dir', str(tmp_path),
+                                     '-p', 'tracking_uri', f"sqlite:///{tmp_path/'mlflow.db'}", '-p', 'index_dir', 'data/index',
+                                     '-p', 'base_provenance', 'models/base_model.json', '-p', 'architecture', 'api', '-p', 'gateway_url', gateway['url'],
+                                     '-p', 'api_endpoint', 'openai-chat', '-p', 'max_new_tokens', '16', *params], small_project)
+    evaluate = ['-p', 'dataset_dir', 'data/dataset', '-p', 'variants', 'base,api', '-p', 'limit', '2', '-p', 'on_fail', 'warn',
+                '-p', 'judge_endpoint', 'judge', '-p', 'judge_max_tokens', '32']  # the judge: the self-hosted model, through the gateway
+    stage('55_evaluate', *evaluate)
+    gate, metrics = read_json(tmp_path/'gate.json'), read_json(tmp_path/'eval.json')
+    assert gate['candidate'] == 'api' and set(metrics) == {'base', 'api'} and metrics['api']['questions'] == 2
+    assert all({'faithfulness', 'answer_relevancy'} <= set(m) for m in metrics.values()), metrics  # judged (a 135M judge may give no verdict)
+    asked, judged = len(traces(gateway, 'openai-chat', 3)), len(traces(gateway, 'judge', 4))  # both went through the gateway
+    stage('55_evaluate', *evaluate)
+    time.sleep(5)
+    assert (len(endpoint_usage(gateway['url'], 'openai-chat')), len(endpoint_usage(gateway['url'], 'judge'))) == (asked, judged), \
+        'an unchanged variant and its verdicts are read from the cache, not asked again'
+    stage('60_register', '-p', 'gate_path', str(tmp_path/'gate.json'), '-p', 'metrics_path', str(tmp_path/'register.json'))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path/'mlflow.db'}")
+    model = mlflow.pyfunc.load_model('models:/llmops-tpl-rag/1')
+    answer = model.predict({'input': QUESTION})
+    assert answer['output'][0]['content'][0]['text'] and answer['custom_outputs']['generator'] == 'openai-chat'
+    arts = yaml.safe_load((Path(mlflow.artifacts.download_artifacts('models:/llmops-tpl-rag/1'))/'MLmodel').read_text())
+    assert set(arts['flavors']['python_function']['artifacts']) == {'index', 'embedder'}, 'no local model inside'
+
+
+def test_configuration_survives_a_restart(gateway, small_project):
+    stop(gateway['proc'])
+    port = int(gateway['url'].rsplit(':', 1)[1])
+    gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlruns', port=port,  # the server alone: nothing re-applied
+                                    env=gateway_env(gateway['plans']), log=open(gateway['logs']/'gateway.log', 'a'))
+    assert ask(gateway, 'openai-chat').choices[0].message.content
+    with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):  # the spend was recorded: the budget still holds
+        ask(gateway, 'budgeted', LONG_QUESTION)
+    for _ in range(2): ask(gateway, 'limited')
+    with pytest.raises(openai.RateLimitError, match='2/minute'):
+        ask(gateway, 'limited')
+
+
+def test_the_key_is_stored_encrypted_and_written_nowhere(gateway, small_project):
+    store = mlflow.MlflowClient(gateway['url'])._tracking_client.store
+    masked = {s.secret_name: s.masked_values['api_key'] for s in store.list_secret_infos()}
+    assert masked['vendor-openai'].endswith(KEY[-3:]) and KEY not in masked['vendor-openai'], 'the gateway holds the key, masked'
+    leaks = [p for root in (small_project, gateway['logs']) for p in Path(root).rglob('*')
+             if p.is_file() and KEY.encode() in p.read_bytes()]  # the project: repo, mlflow.db, mlruns, DVC cache, reports; and every log
+    assert not leaks, leaks
+    assert httpx.get(f"{gateway['url']}/health").status_code == 200
