@@ -9,6 +9,7 @@ __all__ = ['SELFHOSTED', 'VENDORS', 'BUDGET_PERIODS', 'RATE_LIMIT_TAG', 'plan_en
 
 # %% ../nbs/15_gateway.ipynb #cell-001
 import atexit
+import ipaddress
 import json
 import math
 import os
@@ -136,9 +137,15 @@ def gateway_env(plans:list[dict], # from `plan_gateway`
     "Environment variables the gateway server needs for these endpoints."
     env = {'MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS': str(upstream_timeout),
            'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}  # MLflow's job runner (scheduled scorers) is not needed: it would add 7 processes
-    local = [p['api_base'] for p in plans if p['api_base'] and httpx.URL(p['api_base']).host in ('127.0.0.1', 'localhost', '::1')]
-    if local: env |= {'MLFLOW_GATEWAY_API_BASE_ALLOWED_SCHEMES': 'http,https', 'MLFLOW_GATEWAY_API_BASE_ALLOW_PRIVATE_IPS': 'true'}
+    upstreams = [httpx.URL(p['api_base']) for p in plans if p['api_base']]
+    if any(u.scheme == 'http' for u in upstreams): env['MLFLOW_GATEWAY_API_BASE_ALLOWED_SCHEMES'] = 'http,https'
+    if any(_private(u.host) for u in upstreams): env['MLFLOW_GATEWAY_API_BASE_ALLOW_PRIVATE_IPS'] = 'true'
     return env
+
+def _private(host:str)->bool:
+    "Whether `host` is this machine or a private network's address (MLflow's gateway refuses those unless told)."
+    try: return host == 'localhost' or ipaddress.ip_address(host).is_private
+    except ValueError: return False
 
 def wait_until_up(url:str, # a URL that answers 200 once the server is ready
                   proc:subprocess.Popen|None=None, # the server's process, to stop waiting if it dies
