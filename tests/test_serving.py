@@ -164,8 +164,9 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
             mlflow.set_tracking_uri(uri)  # trace data is read through the server's artifact proxy, which needs the global URI
             client = mlflow.MlflowClient()
             exp = client.get_experiment_by_name('llmops-tpl').experiment_id
-            for _ in range(30):  # traces are exported in the background
-                if traces := client.search_traces(locations=[exp], max_results=5): break
+            for _ in range(60):  # traces are exported in the background, a trace's spans sometimes after the trace itself
+                traces = client.search_traces(locations=[exp], max_results=5)
+                if traces and {'retrieve', 'generate'} <= {s.name for s in traces[0].data.spans}: break
                 time.sleep(1)
             assert traces and {'retrieve', 'generate'} <= {s.name for s in traces[0].data.spans}, 'the request was traced on the server'
         finally: stop(proc)
