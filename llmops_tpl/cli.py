@@ -170,8 +170,9 @@ def gateway(host, port, selfhosted_url):
         return click.echo(f"applied to the gateway of {uri}; clients use base_url {openai_base_url(uri)}")
     if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
         click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase", err=True)
-    url = f"http://{host or g['host']}:{port or g['port']}"
-    try: proc = start_gateway(uri, project_path('mlruns'), host or g['host'], port or g['port'], gateway_env(plans, g['upstream_timeout_seconds']))
+    host, port = host or g['host'], port or g['port']
+    url = f"http://{host}:{port}"
+    try: proc = start_gateway(uri, project_path('mlruns'), host, port, gateway_env(plans, g['upstream_timeout_seconds']))
     except RuntimeError as e: raise click.ClickException(str(e))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
     try:

@@ -107,7 +107,7 @@ def _completion(model:str, text:str, extras:dict)->dict:
     u = {'prompt_tokens': usage.get('prompt_tokens') or 0, 'completion_tokens': usage.get('completion_tokens') or 0}
     return {'id': f"chatcmpl-{uuid.uuid4().hex}", 'object': 'chat.completion', 'created': int(time.time()), 'model': model,
             'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': 'stop'}],
-            'usage': {**u, 'total_tokens': u['prompt_tokens'] + u['completion_tokens']}, **extras}
+            **extras, 'usage': {**u, 'total_tokens': u['prompt_tokens'] + u['completion_tokens']}}  # OpenAI's usage, whatever `extras` held
 
 def _sse(obj:dict)->str: return f"data: {json.dumps(obj, default=str)}\n\n"
 

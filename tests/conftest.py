@@ -5,12 +5,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+
+from llmops_tpl.gateway import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,16 +69,11 @@ def start(args, cwd, url, env=None, timeout=180, log=None):
     out = open(log, 'a') if log else subprocess.PIPE
     proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
                             stdout=out, stderr=subprocess.STDOUT, text=True)
-    output = lambda: (Path(log).read_text() if log else proc.stdout.read())[-3000:]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None: raise AssertionError(f"{args} exited {proc.returncode}:\n{output()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200: return proc
-        except httpx.TransportError: pass
-        time.sleep(1)
-    proc.kill()
-    raise AssertionError(f"{args} not ready after {timeout}s:\n{output()}")
+    try: wait_until_up(url, proc, timeout)
+    except RuntimeError as e:
+        proc.kill()
+        raise AssertionError(f"{args}: {e}\n{(Path(log).read_text() if log else proc.stdout.read())[-3000:]}")
+    return proc
 
 
 def stop(proc):
