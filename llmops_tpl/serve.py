@@ -25,15 +25,17 @@ from .agent import last_question
 class Champion:
     "The model version a registry alias points at, loaded; `refresh` follows the alias when it moves."
     def __init__(self, name:str, # the registered model
-                 alias:str='champion' # the alias to serve
+                 alias:str='champion' # the alias to serve, or a version number (a fixed version)
                 ):
         self.name, self.alias, self.version, self.model = name, alias, None, None
         self.refresh()
 
     def refresh(self)->bool:
         "Load the version the alias points at now, if it is not the one loaded; returns whether it changed."
-        try: version = int(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
-        except mlflow.exceptions.MlflowException as e: raise LookupError(f"{self.name}@{self.alias} does not exist: {e.message}") from e
+        if str(self.alias).isdigit(): version = int(self.alias)
+        else:
+            try: version = int(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
+            except mlflow.exceptions.MlflowException as e: raise LookupError(f"{self.name}@{self.alias} does not exist: {e.message}") from e
         if version == self.version: return False
         model = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
         self.model, self.version = model, version  # one assignment each: requests in flight keep the model they started with
