@@ -1,5 +1,6 @@
 "The app and feedback as data: the store under concurrent writers (SQLite and a real PostgreSQL), the app in a real browser."
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import mlflow
 import pytest
 from playwright.sync_api import expect
 
-from conftest import BIN, free_port, start, stop
+from conftest import BIN, free_port, read_json, run, start, stop
 from llmops_tpl.feedback import FEEDBACK, export_reviewed, open_store, read_table, review
 
 # one writer process: says it is ready, waits for the word to go, then appends its events as fast as it can
@@ -65,9 +66,8 @@ def test_postgresql_store_loses_nothing_and_exports_reviewed_rows(postgres_url):
 
 def test_app_in_a_real_browser(small_project, approved, browser, tmp_path):
     "Ask, see sources, thumbs down with a correction (HTML inside), then the feedback row and the trace's assessments exist; bad input is refused."
-    port, store_url = free_port(), f"sqlite:///{tmp_path/'feedback.db'}"
-    proc = start([BIN/'llmops-tpl', 'app', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/",
-                 env={'LLMOPS_FEEDBACK_STORE': store_url}, log=tmp_path/'app.log')
+    port, store_url = free_port(), f"sqlite:///{small_project/'feedback.db'}"  # the project's own store (app.feedback_store)
+    proc = start([BIN/'llmops-tpl', 'app', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/", log=tmp_path/'app.log')
     page = browser.new_page()
     try:
         page.goto(f"http://127.0.0.1:{port}/")
@@ -123,3 +123,63 @@ def test_app_in_a_real_browser(small_project, approved, browser, tmp_path):
     finally:
         page.close()
         stop(proc)
+
+
+def test_monitor_reports_the_app_traffic_and_reruns_only_on_new_traffic(small_project):
+    "After the browser test's turns and rating: satisfaction, latency, retrieval-score drift and a plot; a second run finds nothing new."
+    run([BIN/'llmops-tpl', 'monitor'], small_project)
+    m = read_json(small_project/'metrics'/'monitor.json')
+    assert m['turns'] == m['new_turns'] >= 2 and (m['ratings'], m['satisfaction']) == (1, 0.0), m
+    assert m['latency_p95_s'] >= m['latency_p50_s'] > 0 and m['errors'] == 0
+    assert 0 <= m['ks_statistic'] <= 1 and m['median_shift'] is not None
+    assert (small_project/'plots'/'monitor.png').stat().st_size > 10_000
+    assert 'it did not say which function' in (small_project/'reports'/'monitor.ipynb').read_text()  # the failing questions' reasons
+    again = run([BIN/'llmops-tpl', 'monitor'], small_project)
+    assert "Stage 'monitor' didn't change" in again.stdout + again.stderr or 'up to date' in again.stdout + again.stderr
+
+
+def test_the_app_keeps_answering_while_mlflow_is_down_and_forwards_the_feedback_later(small_project, approved, tmp_path):
+    "A real `mlflow server` (on a copy of the project's database) stops after a turn is traced: the rating waits in the store, then reaches the trace."
+    from gradio_client import Client
+    shutil.copy(small_project/'mlflow.db', tmp_path/'server.db')
+    port, app_port = free_port(), free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_args = [BIN/'mlflow', 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}", '--artifacts-destination',
+                   str(tmp_path/'artifacts'), '--host', '127.0.0.1', '--port', str(port), '--workers', '1']
+    server_env = {'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}
+    server = start(server_args, tmp_path, f"{uri}/health", env=server_env, log=tmp_path/'server.log')
+    store_url = f"sqlite:///{tmp_path/'feedback.db'}"
+    app = start([BIN/'llmops-tpl', 'app', '--port', str(app_port), '--forward-seconds', '2'], small_project, f"http://127.0.0.1:{app_port}/",
+                env={'MLFLOW_TRACKING_URI': uri, 'LLMOPS_FEEDBACK_STORE': store_url, 'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0',
+                     'MLFLOW_HTTP_REQUEST_TIMEOUT': '5'}, log=tmp_path/'app.log')
+    try:
+        client = Client(f"http://127.0.0.1:{app_port}/", verbose=False)
+        client.predict('How do I parse command-line arguments?', 'selfhosted', [], api_name='/ask')
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.get_experiment_by_name('llmops-tpl').experiment_id
+        for _ in range(60):  # exported in the background
+            if mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list'): break
+            time.sleep(1)
+        stop(server)
+
+        assert client.predict('down', 'wrong module', 'Use argparse.ArgumentParser.', api_name='/feedback')[0].startswith('Thank you')
+        history, *_ = client.predict('How do I open an SQLite database?', 'selfhosted', [], api_name='/ask')  # still answers
+        assert history[-1]['content'][0]['text'].strip()
+        store = open_store(store_url)
+        for _ in range(30):
+            row = read_table(store).iloc[0]
+            if row.forward_error: break
+            time.sleep(1)
+        assert row.forwarded_at is None and row.forward_error, row.to_dict()
+
+        server = start(server_args, tmp_path, f"{uri}/health", env=server_env, log=tmp_path/'server.log')
+        for _ in range(60):
+            row = read_table(store).iloc[0]
+            if row.forwarded_at: break
+            time.sleep(1)
+        assert row.forwarded_at, row.to_dict()
+        assessments = {a.name: a for a in mlflow.get_trace(row.trace_id).info.assessments}
+        assert assessments['user_rating'].value is False and assessments['expected_response'].value == 'Use argparse.ArgumentParser.'
+    finally:
+        stop(app)
+        stop(server)

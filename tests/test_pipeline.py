@@ -1,4 +1,5 @@
 "The pipeline from a fresh clone: corpus, chunks, index, search, incremental refresh, bad input, no-op rerun."
+import json
 import shutil
 import time
 from pathlib import Path
@@ -111,3 +112,26 @@ def test_fresh_clone_pulls_the_exact_corpus_from_a_dvc_remote(small_project, tmp
     assert run([BIN/'llmops-tpl', 'corpus'], clone).stdout.startswith('corpus pulled')
     files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob('*') if p.is_file()}
     assert files(clone/'data'/'raw') == files(small_project/'data'/'raw')
+
+
+def test_reviewed_feedback_reaches_the_next_round_scrubbed_with_provenance(small_project, refreshed, tmp_path):
+    "An accepted correction becomes a training example and a regression question; unreviewed feedback does not; personal data is scrubbed."
+    from llmops_tpl.feedback import add_feedback, open_store, review
+    store_url = f"sqlite:///{tmp_path/'feedback.db'}"
+    store = open_store(store_url)
+    fid = add_feedback(store, 'How do I parse JSON text? Mail me at ana@example.com', 'No idea.', 'down', 'unhelpful',
+                       'Call json.loads(text); ring +34 612 345 678 if not.', trace_id='tr-abc', model_version=1, user='ana')
+    add_feedback(store, 'Nobody reviewed this one', 'a', 'down', correction='not yet reviewed', user='ben')
+    review(store, fid, 'accepted', 'rita', 'a real failure')
+    out = run([BIN/'llmops-tpl', 'repro', 'dataset'], small_project, env={'LLMOPS_FEEDBACK_STORE': store_url}).stdout
+    assert 'feedback exported: 1 reviewed rows' in out
+    lines = lambda name: [json.loads(line) for line in (small_project/'data'/'dataset'/name).read_text().splitlines()]
+    correction = 'Call json.loads(text); ring [phone] if not.'
+    assert lines('train.jsonl')[-1]['completion'] == [{'role': 'assistant', 'content': correction}]
+    assert 'Mail me at [email]' in lines('train.jsonl')[-1]['prompt'][-1]['content']
+    assert not any('not yet reviewed' in json.dumps(e) for e in lines('train.jsonl'))
+    [reg] = lines('regression.jsonl')
+    assert (reg['reference'], reg['feedback_id'], reg['trace_id'], reg['reviewer'], reg['model_version']) == (correction, fid, 'tr-abc', 'rita', '1')
+    assert {e['use'] for e in lines('feedback.jsonl')} == {'train', 'regression'}
+    metrics = read_json(small_project/'metrics'/'dataset.json')
+    assert (metrics['feedback_train_examples'], metrics['regression_questions']) == (1, 1)
