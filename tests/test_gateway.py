@@ -89,6 +89,19 @@ def test_openai_client_answers_through_the_gateway_with_usage_and_cost(gateway):
     assert usage.cost_usd[0] > 0, 'priced as gpt-4o-mini'
 
 
+def test_the_app_chats_with_the_champion_through_the_gateway(gateway, small_project, approved):
+    "The app's `api` route: @champion's retrieval, the gateway's openai-chat endpoint writing the answer, the turn traced with its route."
+    from llmops_tpl.app import AppModels, answer_turn
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    before = len(traces(gateway, 'openai-chat', 0))
+    models = AppModels('llmops-tpl-rag', {'base_url': openai_base_url(gateway['url']), 'model': 'openai-chat', 'timeout': 60, 'max_retries': 0})
+    res = answer_turn(models.chain('api'), 'How do I parse JSON text?', {'route': 'api', 'model_version': models.champion.version})
+    assert res['answer'].strip() and res['passages'] and res['generator'] == 'openai-chat'
+    assert len(traces(gateway, 'openai-chat', before + 1)) == before + 1  # the gateway answered it
+    mlflow.flush_trace_async_logging()
+    assert mlflow.get_trace(res['trace_id']).info.tags['route'] == 'api'
+
+
 def test_rate_limit_rejects_with_the_limit_that_was_hit(gateway):
     for _ in range(2): ask(gateway, 'limited')
     with pytest.raises(openai.RateLimitError) as refused:
