@@ -145,7 +145,9 @@ def build_app(models:AppModels, # the versions to talk to
         return f"Feedback #{int(fid)} {verdict}.", _pending(store)
 
     with gr.Blocks(title='llmops-tpl') as app:
-        gr.Markdown(f"# {models.name}\nAsk about the documentation in the corpus. Rate each answer: your feedback trains the next version.")
+        gr.Markdown(f"# {models.name}\nAsk about the documentation in the corpus. Rate each answer: your feedback trains the next version."
+                    + ('' if models.champion.alias == 'champion' else f"\n\n**No version is approved yet: you are talking to @{models.champion.alias} "
+                                                                          f"(version {models.champion.version}).**"))
         with gr.Tab('Chat'):
             route_choice = gr.Radio([(v, k) for k, v in ROUTES.items()], value=route, label='Route')
             chat = gr.Chatbot(label='Conversation', height=360)

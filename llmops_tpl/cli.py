@@ -241,7 +241,10 @@ def app(host, port, route, forward_seconds):
     api = {'base_url': openai_base_url(f"http://{g['host']}:{g['port']}"), 'model': params['rag']['api_endpoint'],
            'timeout': g['client_timeout_seconds'], 'max_retries': g['client_max_retries']}
     try: models = AppModels(name, api)
-    except LookupError as e: raise click.ClickException(f"{e}; approve a version first (llmops-tpl approve)")
+    except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
+        try: models = AppModels(name, api, champion='challenger')
+        except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a version (llmops-tpl approve)")
+        click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a version is approved", err=True)
     models.champion.watch(s['poll_seconds'])
     store = open_store(feedback_store_url(params))
     ui = build_app(models, store, s['max_prompt_chars'], route or params['rag']['architecture'], forward_in_background(store, forward_seconds or a['forward_seconds']))
