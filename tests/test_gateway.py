@@ -140,11 +140,11 @@ def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(ga
                                      '-p', 'tracking_uri', f"sqlite:///{tmp_path/'mlflow.db'}", '-p', 'index_dir', 'data/index',
                                      '-p', 'base_provenance', 'models/base_model.json', '-p', 'architecture', 'api', '-p', 'gateway_url', gateway['url'],
                                      '-p', 'api_endpoint', 'openai-chat', '-p', 'max_new_tokens', '16', *params], small_project)
-    evaluate = ['-p', 'dataset_dir', 'data/dataset', '-p', 'variants', 'base,api', '-p', 'limit', '1', '-p', 'on_fail', 'warn',
+    evaluate = ['-p', 'dataset_dir', 'data/dataset', '-p', 'variants', 'api', '-p', 'limit', '1', '-p', 'on_fail', 'warn',
                 '-p', 'judge_endpoint', 'judge', '-p', 'judge_max_tokens', '16']  # the judge: the self-hosted model, through the gateway
     stage('55_evaluate', *evaluate)
     gate, metrics = read_json(tmp_path/'gate.json'), read_json(tmp_path/'eval.json')
-    assert gate['candidate'] == 'api' and set(metrics) == {'base', 'api'} and metrics['api']['questions'] == 1
+    assert gate['candidate'] == 'api' and set(metrics) == {'api'} and metrics['api']['questions'] == 1
     assert all({'faithfulness', 'answer_relevancy'} <= set(m) for m in metrics.values()), metrics  # judged (a 135M judge may give no verdict)
     asked, judged = len(traces(gateway, 'openai-chat', 2)), len(traces(gateway, 'judge', 2))  # both went through the gateway
     stage('55_evaluate', *evaluate)
