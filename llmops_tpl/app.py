@@ -60,10 +60,11 @@ def check_question(question:str, # what the user typed
 
 def answer_turn(chain:RAGChain, # the chain to ask
                 question:str, # the user's question, checked
-                tags:dict # trace tags: model, version, route, user
+                tags:dict, # trace tags: model, version, route, user
+                name:str='chat_turn' # the root span's name: `chat_turn` for users' chat (what monitoring reads), `review_turn` for reviewers'
                )->dict:
     "The chain's answer to `question` (sources, passages, usage) with the `trace_id` of the turn."
-    with mlflow.start_span('chat_turn', span_type=SpanType.CHAIN) as span:
+    with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
         span.set_inputs({'question': question})
         res = chain.answer(question)
         span.set_outputs({'answer': res['answer'], 'sources': res['sources']})
@@ -119,7 +120,7 @@ def build_app(models:AppModels, # the versions to talk to
             sides = {}
             for side, champ in (('champion', models.champion), ('challenger', models.challenger())):
                 tags = {'model': models.name, 'model_version': champ.version, 'route': 'selfhosted', 'review': side}
-                res = answer_turn(champ.model.get_raw_model().chain, q, tags)
+                res = answer_turn(champ.model.get_raw_model().chain, q, tags, 'review_turn')  # not users' traffic: monitoring leaves it out
                 sides[side] = {'version': champ.version, 'answer': res['answer'], 'trace_id': res['trace_id'], 'md': sources_markdown(res)}
         except (ValueError, LookupError, GeneratorError) as e: _fail(e)
         show = lambda s: f"### @{s} (version {sides[s]['version']})\n\n{html.escape(sides[s]['answer'])}\n\n{sides[s]['md']}"

@@ -52,7 +52,8 @@ def small_project(tmp_path_factory):
                          prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
                          finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1},
                          evaluate={'limit': 6, 'gate': {'on_fail': 'warn', 'min_hit_at_k': 0.5, 'min_context_recall': 0.5,
-                                   'min_similarity': 1.01, 'min_similarity_margin_over_base': 0.0}},  # a gate that fails, and only warns
+                                   'min_similarity': 1.01, 'min_similarity_margin_over_base': 0.0,
+                                   'min_regression_similarity': 0.5}},  # a gate that fails, and only warns
                          rag={'max_new_tokens': 24}, serve={'poll_seconds': 1})
     assert not (dest/'data'/'raw').exists()
     run([BIN/'llmops-tpl', 'repro'], dest)
