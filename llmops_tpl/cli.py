@@ -248,4 +248,6 @@ def app(host, port, route, forward_seconds):
     models.champion.watch(s['poll_seconds'])
     store = open_store(feedback_store_url(params))
     ui = build_app(models, store, s['max_prompt_chars'], route or params['rag']['architecture'], forward_in_background(store, forward_seconds or a['forward_seconds']))
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` exits through atexit, where MLflow writes the traces still queued
     ui.queue().launch(server_name=host or a['host'], server_port=port or a['port'], auth=auth, ssr_mode=False, footer_links=['api'])

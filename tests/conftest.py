@@ -112,7 +112,7 @@ def need(what: str, found):
     return found
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def postgres_url():
     "A real PostgreSQL server of this machine's (Debian's `postgresql`) in a temporary folder, on a free port; yields its SQLAlchemy URL."
     initdb = need('PostgreSQL (initdb)', shutil.which('initdb') or next(iter(sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))), None))

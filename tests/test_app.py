@@ -153,13 +153,16 @@ def test_the_app_keeps_answering_while_mlflow_is_down_and_forwards_the_feedback_
                 env={'MLFLOW_TRACKING_URI': uri, 'LLMOPS_FEEDBACK_STORE': store_url, 'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0',
                      'MLFLOW_HTTP_REQUEST_TIMEOUT': '5'}, log=tmp_path/'app.log')
     try:
-        client = Client(f"http://127.0.0.1:{app_port}/", verbose=False)
-        client.predict('How do I parse command-line arguments?', 'selfhosted', [], api_name='/ask')
         mlflow.set_tracking_uri(uri)
         exp = mlflow.get_experiment_by_name('llmops-tpl').experiment_id
+        turns = lambda: {t.info.trace_id for t in mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list')}
+        before = turns()  # the copied database holds the browser test's turns
+        client = Client(f"http://127.0.0.1:{app_port}/", verbose=False)
+        client.predict('How do I parse command-line arguments?', 'selfhosted', [], api_name='/ask')
         for _ in range(60):  # exported in the background
-            if mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list'): break
+            if turns() - before: break
             time.sleep(1)
+        assert turns() - before, 'the turn reached the server'
         stop(server)
 
         assert client.predict('down', 'wrong module', 'Use argparse.ArgumentParser.', api_name='/feedback')[0].startswith('Thank you')
