@@ -60,6 +60,15 @@ def small_project(tmp_path_factory):
     return dest
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_stays_in_its_test():
+    "`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which every later subprocess would inherit (a stopped server's URL, say)."
+    before = os.environ.get('MLFLOW_TRACKING_URI')
+    yield
+    if before is None: os.environ.pop('MLFLOW_TRACKING_URI', None)
+    else: os.environ['MLFLOW_TRACKING_URI'] = before
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
