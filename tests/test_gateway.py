@@ -142,11 +142,12 @@ def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(ga
                                      '-p', 'api_endpoint', 'openai-chat', '-p', 'max_new_tokens', '16', *params], small_project)
     evaluate = ['-p', 'dataset_dir', 'data/dataset', '-p', 'variants', 'api', '-p', 'limit', '1', '-p', 'on_fail', 'warn',
                 '-p', 'judge_endpoint', 'judge', '-p', 'judge_max_tokens', '16']  # the judge: the self-hosted model, through the gateway
+    asked_before, judged_before = (len(endpoint_usage(gateway['url'], e)) for e in ('openai-chat', 'judge'))  # other tests' calls
     stage('55_evaluate', *evaluate)
     gate, metrics = read_json(tmp_path/'gate.json'), read_json(tmp_path/'eval.json')
     assert gate['candidate'] == 'api' and set(metrics) == {'api'} and metrics['api']['questions'] == 1
     assert all({'faithfulness', 'answer_relevancy'} <= set(m) for m in metrics.values()), metrics  # judged (a 135M judge may give no verdict)
-    asked, judged = len(traces(gateway, 'openai-chat', 2)), len(traces(gateway, 'judge', 2))  # both went through the gateway
+    asked, judged = len(traces(gateway, 'openai-chat', asked_before + 1)), len(traces(gateway, 'judge', judged_before + 1))  # both through the gateway
     stage('55_evaluate', *evaluate)
     time.sleep(5)
     assert (len(endpoint_usage(gateway['url'], 'openai-chat')), len(endpoint_usage(gateway['url'], 'judge'))) == (asked, judged), \
