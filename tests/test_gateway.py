@@ -164,7 +164,7 @@ def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(ga
 def test_configuration_survives_a_restart(gateway, small_project):
     stop(gateway['proc'])
     port = int(gateway['url'].rsplit(':', 1)[1])
-    gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlruns', port=port,  # the server alone: nothing re-applied
+    gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlartifacts', port=port,  # the server alone: nothing re-applied
                                     env=gateway_env(gateway['plans']), log=open(gateway['logs']/'gateway.log', 'a'))
     assert ask(gateway, 'openai-chat').choices[0].message.content
     with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):  # the spend was recorded: the budget still holds
