@@ -138,15 +138,19 @@ def forward_feedback(engine:sa.Engine, # the store
     "Attach feedback rows not yet forwarded to their traces in the current MLflow tracking store; returns counts `sent` and `failed`."
     import mlflow
     from mlflow.entities import AssessmentSource
-    pending = read_table(engine, where=FEEDBACK.c.forwarded_at.is_(None) & FEEDBACK.c.trace_id.is_not(None)).head(limit)
+    pending = read_table(engine, where=FEEDBACK.c.forwarded_at.is_(None) & FEEDBACK.c.trace_id.is_not(None))
+    pending = pending.sort_values('forward_error', key=lambda e: e.notna(), kind='stable').head(limit)  # untried rows first: failing ones cannot hold them up
     if len(pending): mlflow.flush_trace_async_logging()
     counts = {'sent': 0, 'failed': 0}
     for r in pending.itertuples():
         source = AssessmentSource(source_type='HUMAN', source_id=r.user or 'anonymous')
         meta = {'feedback_id': str(r.id), 'model_version': r.model_version or '', 'route': r.route or ''}
         try:
-            mlflow.log_feedback(trace_id=r.trace_id, name='user_rating', value=r.rating == 'up', rationale=r.reason, source=source, metadata=meta)
-            if r.correction: mlflow.log_expectation(trace_id=r.trace_id, name='expected_response', value=r.correction, source=source, metadata=meta)
+            on_trace = {a.name for a in mlflow.MlflowClient().get_trace(r.trace_id).info.assessments if (a.metadata or {}).get('feedback_id') == str(r.id)}
+            if 'user_rating' not in on_trace:  # sent before, its acknowledgement lost: not sent twice
+                mlflow.log_feedback(trace_id=r.trace_id, name='user_rating', value=r.rating == 'up', rationale=r.reason, source=source, metadata=meta)
+            if r.correction and 'expected_response' not in on_trace:
+                mlflow.log_expectation(trace_id=r.trace_id, name='expected_response', value=r.correction, source=source, metadata=meta)
             values, counts['sent'] = {'forwarded_at': now(), 'forward_error': None}, counts['sent'] + 1
         except Exception as e: values, counts['failed'] = {'forward_error': f"{type(e).__name__}: {e}"[:2000]}, counts['failed'] + 1
         with engine.begin() as conn: conn.execute(FEEDBACK.update().where(FEEDBACK.c.id == r.id).values(**values))
