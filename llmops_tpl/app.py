@@ -82,6 +82,10 @@ def sources_markdown(res:dict # a result of `answer_turn`
 # %% ../nbs/17_app.ipynb #cell-009
 def _user(request:gr.Request|None)->str: return (request and request.username) or 'anonymous'
 
+def _reviewer(typed:str|None, request:gr.Request|None)->str:
+    "Who acts in the review tab: with a login, the logged-in user (a typed name impersonates no one); else the name typed."
+    return (request and request.username) or typed or ''
+
 def _fail(e:Exception): raise gr.Error(str(e), print_exception=False)
 
 def _pending(store)->pd.DataFrame:
@@ -126,24 +130,33 @@ def build_app(models:AppModels, # the versions to talk to
         show = lambda s: f"### @{s} (version {sides[s]['version']})\n\n{html.escape(sides[s]['answer'])}\n\n{sides[s]['md']}"
         return show('champion'), show('challenger'), {'question': q, **sides}
 
-    def vote(pair, preferred, reviewer, note):
+    def vote(pair, preferred, reviewer, note, request:gr.Request=None):
+        reviewer = _reviewer(reviewer, request)
         if not pair: _fail(ValueError('Ask both versions a question first.'))
         if preferred not in ('champion', 'challenger', 'tie'): _fail(ValueError('Choose which answer is better, or a tie.'))
         vid = add_vote(store, pair['question'], preferred, pair['champion'], pair['challenger'], reviewer or None, note)
         return f"Vote #{vid} recorded: {preferred}."
 
-    def approve_challenger(reviewer, note, override):
+    def approve_challenger(reviewer, note, override, request:gr.Request=None):
+        reviewer = _reviewer(reviewer, request)
         try:
             version = models.challenger().version
-            approve(models.name, version, reviewer or '', note or '', override or None)
+            approve(models.name, version, reviewer, note or '', override or None)
         except (ValueError, LookupError, PermissionError) as e: _fail(e)
         models.champion.refresh()
         return f"Version {version} approved by {reviewer}: it is @champion now."
 
-    def decide(fid, verdict, reviewer, note):
-        try: review(store, int(fid or 0), verdict, reviewer or '', note)
+    def decide(fid, verdict, reviewer, note, request):
+        try: review(store, int(fid or 0), verdict, _reviewer(reviewer, request), note)
         except (ValueError, LookupError) as e: _fail(e)
         return f"Feedback #{int(fid)} {verdict}.", _pending(store)
+
+    def accept(fid, reviewer, note, request:gr.Request=None): return decide(fid, 'accepted', reviewer, note, request)
+    def reject(fid, reviewer, note, request:gr.Request=None): return decide(fid, 'rejected', reviewer, note, request)
+
+    def on_load(request:gr.Request=None):
+        user = request and request.username
+        return _pending(store), gr.update(value=user or '', interactive=not user)  # with a login, the reviewer is who logged in
 
     with gr.Blocks(title='llmops-tpl') as app:
         gr.Markdown(f"# {models.name}\nAsk about the documentation in the corpus. Rate each answer: your feedback trains the next version."
@@ -186,9 +199,8 @@ def build_app(models:AppModels, # the versions to talk to
         compare_btn.click(compare, r_question, [champ_md, chall_md, pair], api_name='compare')
         vote_btn.click(vote, [pair, preferred, reviewer, note], review_status, api_name='vote', concurrency_limit=None)
         approve_btn.click(approve_challenger, [reviewer, note, override], review_status, api_name='approve')
-        accept_btn.click(lambda i, r, n: decide(i, 'accepted', r, n), [fid, reviewer, note], [review_status, pending], api_name='accept')
-        reject_btn.click(lambda i, r, n: decide(i, 'rejected', r, n), [fid, reviewer, note], [review_status, pending], api_name='reject')
+        accept_btn.click(accept, [fid, reviewer, note], [review_status, pending], api_name='accept')
+        reject_btn.click(reject, [fid, reviewer, note], [review_status, pending], api_name='reject')
         refresh_btn.click(lambda: _pending(store), None, pending, api_name=False)
-        app.load(lambda request=None: (_pending(store), _user(request) if request and request.username else ''), None, [pending, reviewer],
-                 api_name=False)
+        app.load(on_load, None, [pending, reviewer], api_name=False)
     return app
