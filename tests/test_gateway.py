@@ -179,6 +179,6 @@ def test_the_key_is_stored_encrypted_and_written_nowhere(gateway, small_project)
     masked = {s.secret_name: s.masked_values['api_key'] for s in store.list_secret_infos()}
     assert masked['vendor-openai'].endswith(KEY[-3:]) and KEY not in masked['vendor-openai'], 'the gateway holds the key, masked'
     leaks = [p for root in (small_project, gateway['logs']) for p in Path(root).rglob('*')
-             if p.is_file() and KEY.encode() in p.read_bytes()]  # the project: repo, mlflow.db, mlruns, DVC cache, reports; and every log
+             if p.is_file() and KEY.encode() in p.read_bytes()]  # the project: repo, mlflow.db, mlartifacts, DVC cache, reports; and every log
     assert not leaks, leaks
     assert httpx.get(f"{gateway['url']}/health").status_code == 200
