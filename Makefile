@@ -26,12 +26,9 @@ system:
 repro: install
 	$(BIN)/llmops-tpl repro
 
-# the notebooks' examples run beside pytest (each alone leaves a core idle much of the time); their log is printed at the end
 test: install system
-	@$(BIN)/nbdev_test --n_workers 1 > nbdev_test.log 2>&1 & notebooks=$$!; \
-	$(BIN)/pytest; tests=$$?; \
-	wait $$notebooks; examples=$$?; echo "== nbdev_test (exit $$examples)"; cat nbdev_test.log; \
-	[ $$tests = 0 ] && [ $$examples = 0 ]
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest
 
 lab: install
 	$(BIN)/jupyter lab
