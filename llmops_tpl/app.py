@@ -80,11 +80,11 @@ def sources_markdown(res:dict # a result of `answer_turn`
     return '**Sources**\n\n' + '\n'.join(lines) if lines else '*No passages were retrieved.*'
 
 # %% ../nbs/17_app.ipynb #cell-009
-def _user(request:gr.Request|None)->str: return (request and request.username) or 'anonymous'
-
-def _reviewer(typed:str|None, request:gr.Request|None)->str:
-    "Who acts in the review tab: with a login, the logged-in user (a typed name impersonates no one); else the name typed."
-    return (request and request.username) or typed or ''
+def _user(request:gr.Request|None, # the request Gradio passes to a handler
+          unknown:str='anonymous' # who it is without a login: in the review tab, the name typed
+         )->str:
+    "Who acts: with a login, the logged-in user (so a typed name impersonates no one); else `unknown`."
+    return (request and request.username) or unknown
 
 def _fail(e:Exception): raise gr.Error(str(e), print_exception=False)
 
@@ -131,14 +131,14 @@ def build_app(models:AppModels, # the versions to talk to
         return show('champion'), show('challenger'), {'question': q, **sides}
 
     def vote(pair, preferred, reviewer, note, request:gr.Request=None):
-        reviewer = _reviewer(reviewer, request)
+        reviewer = _user(request, reviewer or '')
         if not pair: _fail(ValueError('Ask both versions a question first.'))
         if preferred not in ('champion', 'challenger', 'tie'): _fail(ValueError('Choose which answer is better, or a tie.'))
         vid = add_vote(store, pair['question'], preferred, pair['champion'], pair['challenger'], reviewer or None, note)
         return f"Vote #{vid} recorded: {preferred}."
 
     def approve_challenger(reviewer, note, override, request:gr.Request=None):
-        reviewer = _reviewer(reviewer, request)
+        reviewer = _user(request, reviewer or '')
         try:
             version = models.challenger().version
             approve(models.name, version, reviewer, note or '', override or None)
@@ -147,7 +147,7 @@ def build_app(models:AppModels, # the versions to talk to
         return f"Version {version} approved by {reviewer}: it is @champion now."
 
     def decide(fid, verdict, reviewer, note, request):
-        try: review(store, int(fid or 0), verdict, _reviewer(reviewer, request), note)
+        try: review(store, int(fid or 0), verdict, _user(request, reviewer or ''), note)
         except (ValueError, LookupError) as e: _fail(e)
         return f"Feedback #{int(fid)} {verdict}.", _pending(store)
 
@@ -155,8 +155,8 @@ def build_app(models:AppModels, # the versions to talk to
     def reject(fid, reviewer, note, request:gr.Request=None): return decide(fid, 'rejected', reviewer, note, request)
 
     def on_load(request:gr.Request=None):
-        user = request and request.username
-        return _pending(store), gr.update(value=user or '', interactive=not user)  # with a login, the reviewer is who logged in
+        user = _user(request, '')
+        return _pending(store), gr.update(value=user, interactive=not user)  # with a login, the reviewer is who logged in
 
     with gr.Blocks(title='llmops-tpl') as app:
         gr.Markdown(f"# {models.name}\nAsk about the documentation in the corpus. Rate each answer: your feedback trains the next version."
