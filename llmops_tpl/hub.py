@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+import uuid
 from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 
@@ -71,7 +72,8 @@ EXAMPLES_HUB = Path(tempfile.gettempdir())/'llmops-tpl-hub'  # the hub of the ex
 def _convert_into_place(gguf:Path, dest:Path, prov:dict):
     "Convert `gguf` into a new folder beside `dest`, then rename it to `dest`, unless another process put the same conversion there first."
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    tmp = dest.parent/f".{dest.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()  # with the umask's permissions, like any folder the user makes
     convert_gguf(gguf, tmp)
     write_json({**prov, 'weights_sha256': weights_sha256(tmp)}, tmp/'provenance.json')
     done = dest/'provenance.json'
