@@ -106,6 +106,7 @@ def test_app_in_a_real_browser(small_project, approved, browser, tmp_path):
         page.get_by_label('Question', exact=True).fill('Как записать JSON в файл? 如何写入文件？')
         page.get_by_role('button', name='Ask', exact=True).click()
         page.get_by_text('Как записать JSON в файл? 如何写入文件？').wait_for(timeout=120_000)
+        expect(page.get_by_label('Question', exact=True)).to_have_value('', timeout=120_000)  # the answer is written to its end: the box clears
 
         # the feedback reached the trace in MLflow (the app forwards it in the background)
         mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
