@@ -63,12 +63,16 @@ def check_question(question:str, # what the user typed
 def answer_turn(chain:RAGChain, # the chain to ask
                 question:str, # the user's question, checked
                 tags:dict, # trace tags: model, version, route, user
-                name:str='chat_turn' # the root span's name: `chat_turn` for users' chat (what monitoring reads), `review_turn` for reviewers'
+                name:str='chat_turn', # the root span's name: `chat_turn` for users' chat (what monitoring reads), `review_turn` for reviewers'
+                on_delta=None # called with each `{'delta': text}` piece as the answer is written; None: the answer is asked for whole
                )->dict:
     "The chain's answer to `question` (sources, passages, usage) with the `trace_id` of the turn."
     with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
         span.set_inputs({'question': question})
-        res = chain.answer(question)
+        if on_delta is None: res = chain.answer(question)
+        else:
+            for res in chain.stream(question):
+                if 'delta' in res: on_delta(res)
         span.set_outputs({'answer': res['answer'], 'sources': res['sources']})
         mlflow.update_current_trace(tags={k: str(v) for k, v in tags.items()})
     return {**res, 'trace_id': span.trace_id}
@@ -81,14 +85,7 @@ def stream_turn(chain:RAGChain, # the chain to ask
     "`answer_turn` as it is written: `{'delta': text}` pieces, then the whole result with the `trace_id` of the turn."
     events = queue.Queue()
     def turn():  # on a thread of its own, so the turn's spans nest in one context whichever threads read the pieces (Gradio changes thread between them)
-        try:
-            with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
-                span.set_inputs({'question': question})
-                for res in chain.stream(question):
-                    if 'delta' in res: events.put(res)
-                span.set_outputs({'answer': res['answer'], 'sources': res['sources']})
-                mlflow.update_current_trace(tags={k: str(v) for k, v in tags.items()})
-            events.put({**res, 'trace_id': span.trace_id})
+        try: events.put(answer_turn(chain, question, tags, name, on_delta=events.put))
         except Exception as e: events.put(e)
     threading.Thread(target=turn, daemon=True, name=name).start()
     while True:
