@@ -15,8 +15,8 @@ from llmops_tpl.gateway import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# a small slice of the default corpus: real documentation, a few hundred chunks, embedded in seconds
-SMALL_MODULES = ['json', 'pathlib', 'sqlite3', 'csv', 'argparse', 'logging', 'subprocess', 'dvc.api']
+# a corpus a user brings: 14 pages of Starlette's user guide (BSD-3-Clause, its LICENSE.md inside), no API entries, 160 chunks
+OWN_CORPUS, OWN_QUESTIONS = ROOT/'tests'/'fixtures'/'starlette', ROOT/'tests'/'fixtures'/'starlette-questions.jsonl'
 
 
 def run(args, cwd, check=True, env=None, **kw):
@@ -47,8 +47,8 @@ def clone_project(dest: Path, **params) -> Path:
 
 @pytest.fixture(scope='session')
 def small_project(tmp_path_factory):
-    "A fresh clone whose default corpus is `SMALL_MODULES`, after the README's main command has run in it."
-    dest = clone_project(tmp_path_factory.mktemp('project'), corpus={'modules': SMALL_MODULES, 'pydoc_topics': False},
+    "A fresh clone given its own corpus and questions as the README's \"Bring your own corpus\" says, after its main command."
+    dest = clone_project(tmp_path_factory.mktemp('project'), index={'probe_query': 'how do I serve static files'},
                          prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
                          finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1},
                          evaluate={'limit': 6, 'gate': {'on_fail': 'warn', 'min_hit_at_k': 0.5, 'min_context_recall': 0.5,
@@ -56,6 +56,8 @@ def small_project(tmp_path_factory):
                                    'min_regression_similarity': 0.5}},  # a gate that fails, and only warns
                          rag={'max_new_tokens': 24}, serve={'poll_seconds': 1})
     assert not (dest/'data'/'raw').exists()
+    shutil.copytree(OWN_CORPUS, dest/'data'/'raw')
+    shutil.copy(OWN_QUESTIONS, dest/'data'/'questions.jsonl')
     run([BIN/'llmops-tpl', 'repro'], dest)
     return dest
 

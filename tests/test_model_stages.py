@@ -4,7 +4,7 @@ import json
 import mlflow
 import pandas as pd
 
-from conftest import BIN, read_json, run
+from conftest import BIN, OWN_QUESTIONS, read_json, run
 
 
 def test_base_model_is_converted_with_its_provenance_and_registered(small_project):
@@ -19,11 +19,14 @@ def test_base_model_is_converted_with_its_provenance_and_registered(small_projec
 
 
 def test_dataset_splits_by_document_and_cites_sources(small_project):
-    d = small_project/'data'/'dataset'
-    train = [json.loads(line) for line in (d/'train.jsonl').read_text().splitlines()]
+    "On a corpus with no API entries: questions from its sections and the curated file, split by document, each with its gold chunks."
+    d, metrics = small_project/'data'/'dataset', read_json(small_project/'metrics'/'dataset.json')
+    train = [json.loads(line) for line in (d/'train.jsonl').read_text().splitlines()][:-metrics['feedback_train_examples'] or None]
     evl = pd.read_json(d/'eval.jsonl', lines=True)
     cited = [ex['completion'][0]['content'].rsplit('[source: ', 1)[1].rstrip(']') for ex in train]
-    assert len(train) + len(evl) == 60 and len(evl) > 0
+    curated = [json.loads(line)['question'] for line in OWN_QUESTIONS.read_text().splitlines()]
+    assert evl.question[:len(curated)].tolist() == curated and set(evl.origin[len(curated):]) == {'section'}
+    assert len(train) == metrics['train_questions_section'] > 20 and len(evl) == metrics['eval_questions'] > len(curated)
     assert not set(cited) & set(evl.source), 'a document is in both splits'
     assert all(f"[source: {src}]" in ex['prompt'][1]['content'] for ex, src in zip(train, cited)), 'the cited passage is in the prompt'
     chunk_ids = set(pd.read_parquet(small_project/'data'/'index'/'chunks.parquet').chunk_id)

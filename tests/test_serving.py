@@ -58,13 +58,13 @@ def test_approval_needs_a_passed_gate_or_a_recorded_override(small_project, appr
 
 def test_openai_client_gets_a_grounded_answer_with_sources(small_project, server):
     client = OpenAI(base_url=f"{server}/v1", api_key='unused')
-    r = client.chat.completions.create(model=MODEL, messages=[{'role': 'user', 'content': 'How do I open a connection to an SQLite database?'}])
+    r = client.chat.completions.create(model=MODEL, messages=[{'role': 'user', 'content': 'How do I serve the files of a folder?'}])
     extra = r.model_extra
     assert r.choices[0].message.content.strip() and r.usage.completion_tokens > 0
     assert extra['sources'] and set(extra['sources']) <= {p['source'] for p in extra['passages']}
-    assert 'sqlite3/sqlite3/connect.md' in [p['source'] for p in extra['passages']], extra['passages']
+    assert 'staticfiles.md' in [p['source'] for p in extra['passages']], extra['passages']
     assert all(0 < p['score'] <= 1 for p in extra['passages'])
-    inv = httpx.post(f"{server}/invocations", json={'input': [{'role': 'user', 'content': 'How do I open a connection to an SQLite database?'}]},
+    inv = httpx.post(f"{server}/invocations", json={'input': [{'role': 'user', 'content': 'How do I serve the files of a folder?'}]},
                      timeout=120).json()
     assert inv['output'][0]['content'][0]['text'] == r.choices[0].message.content, 'both protocols, one model'
 
