@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'JUDGED', 'LocalEmbeddings', 'run_async', 'reciprocal_rank', 'score_rows', 'answer_all', 'summarize',
-           'judge_llm', 'judge_rows', 'variant_key', 'evaluate_variant', 'judge_variant', 'gate', 'GateFailed',
-           'gate_message']
+           'cites_answer_source', 'judge_llm', 'judge_rows', 'variant_key', 'evaluate_variant', 'judge_variant', 'gate',
+           'GateFailed', 'gate_message']
 
 # %% ../nbs/14_evaluate.ipynb #cell-001
 import asyncio
@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # ragas 0.4.3 has the ID-based metrics only in 
     warnings.simplefilter('ignore', DeprecationWarning)
     from ragas.metrics import IDBasedContextPrecision, IDBasedContextRecall
 
-from .rag import RAGChain, token_f1
+from .rag import RAGChain, cited_sources, token_f1
 
 # %% ../nbs/14_evaluate.ipynb #cell-005
 class LocalEmbeddings(BaseRagasEmbedding):
@@ -83,7 +83,8 @@ def answer_all(eval_rows:list[dict], # questions with `question`, `reference`, `
                      'contexts': [p['text'] for p in res['passages']], 'cites_source': res['cited'], 'seconds': res['generation_seconds']})
     return pd.DataFrame(rows)
 
-METRICS = ['hit_at_k', 'reciprocal_rank', 'context_recall', 'context_precision', 'similarity', 'token_f1', 'cites_source']
+METRICS = ['hit_at_k', 'reciprocal_rank', 'context_recall', 'context_precision', 'similarity', 'token_f1', 'cites_source',
+           'cites_answer_source']
 JUDGED = ['faithfulness', 'answer_relevancy']  # when a judge LLM is configured
 
 def summarize(scored:pd.DataFrame # from `score_rows`
@@ -93,7 +94,15 @@ def summarize(scored:pd.DataFrame # from `score_rows`
     return {**{m: None if pd.isna(v) else round(float(v), 4) for m, v in means.items()}, 'questions': len(scored),
             'seconds_per_answer': round(float(scored.seconds.mean()), 2)}
 
-# %% ../nbs/14_evaluate.ipynb #cell-022
+# %% ../nbs/14_evaluate.ipynb #cell-012
+def cites_answer_source(answers:list[str], # the generated answers
+                        sources:list # the document each question's answer is in (None where unknown)
+                       )->list[float]:
+    "1.0 where an answer cites the document its question's answer is in, 0.0 where not, NaN where that is unknown."
+    known = lambda s: isinstance(s, str) and bool(s)
+    return [float(bool(cited_sources(a, [{'source': s}]))) if known(s) else float('nan') for a, s in zip(answers, sources)]
+
+# %% ../nbs/14_evaluate.ipynb #cell-018
 def judge_llm(base_url:str, # an OpenAI-compatible API root, e.g. the gateway's `http://127.0.0.1:5050/gateway/mlflow/v1`
               model:str, # the model, or the gateway endpoint (`judge`)
               max_tokens:int=256, # length limit of each verdict
@@ -123,7 +132,7 @@ def judge_rows(rows:pd.DataFrame, # answered questions (`answer_all`): question,
     verdicts = [run_async(judge(r)) for r in tqdm(list(rows.itertuples()), desc='judging', unit='question')]
     return pd.concat([rows, pd.DataFrame(verdicts, index=rows.index)], axis=1)
 
-# %% ../nbs/14_evaluate.ipynb #cell-015
+# %% ../nbs/14_evaluate.ipynb #cell-023
 def variant_key(identity:dict, # what the variant is: generator, weights hashes, settings
                 eval_rows:list[dict] # the questions
                )->str:
@@ -162,7 +171,7 @@ def _cached(path:Path, compute, keep=lambda out: True)->tuple[pd.DataFrame, bool
         out.to_parquet(path)
     return out, False
 
-# %% ../nbs/14_evaluate.ipynb #cell-018
+# %% ../nbs/14_evaluate.ipynb #cell-026
 def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
          candidate:str, # the variant the gate judges
          min_metrics:dict[str, float], # floors: metric name -> lowest value accepted
