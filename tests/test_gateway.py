@@ -1,4 +1,5 @@
 "The AI gateway as real processes: `llmops-tpl gateway` (MLflow's server) in front of served models, with budgets, rate limits and fallbacks."
+import json
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from openai import OpenAI
 
 from conftest import BIN, free_port, read_json, run, start, stop
+from llmops_tpl.dataset import parse_generated
 from llmops_tpl.gateway import endpoint_usage, gateway_env, openai_base_url, plan_gateway, start_gateway
 from llmops_tpl.rag import GeneratorError, OpenAIGenerator
 
@@ -170,6 +172,24 @@ def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(ga
     assert answer['output'][0]['content'][0]['text'] and answer['custom_outputs']['generator'] == 'openai-chat'
     arts = yaml.safe_load((Path(mlflow.artifacts.download_artifacts('models:/llmops-tpl-rag/1'))/'MLmodel').read_text())
     assert set(arts['flavors']['python_function']['artifacts']) == {'index', 'embedder'}, 'no local model inside'
+
+
+def test_questions_written_by_the_gateway_llm_are_kept_by_passage(gateway, small_project, tmp_path):
+    "The dataset stage asks the gateway's LLM about two passages; a rerun reads the replies it kept and asks nothing."
+    stage = lambda: run([BIN/'papermill', 'nbs/stages/40_dataset.ipynb', str(tmp_path/'dataset.ipynb'), '-p', 'out_dir', str(tmp_path),
+                         '-p', 'index_dir', 'data/index', '-p', 'questions_path', 'data/questions.jsonl',
+                         '-p', 'feedback_path', 'data/feedback/reviewed.jsonl', '-p', 'generate_endpoint', 'openai-chat',
+                         '-p', 'generate_max', '2', '-p', 'gateway_url', gateway['url']], small_project)
+    before = len(endpoint_usage(gateway['url'], 'openai-chat'))  # other tests' calls
+    stage()
+    replies = [json.loads(p.read_text()) for p in sorted((tmp_path/'generated_qa').glob('*.json'))]
+    assert len(replies) == 2 and all(r['reply'] and r['source'] for r in replies), replies
+    asked = len(settled(gateway, 'openai-chat', before + 2))
+    metrics = read_json(tmp_path/'dataset.json')
+    parsed = sum(parse_generated(r['reply']) is not None for r in replies)  # a 135M model may write no valid JSON
+    assert metrics['train_questions_generated'] + metrics['eval_questions_generated'] == parsed
+    stage()
+    assert len(settled(gateway, 'openai-chat', asked)) == asked, 'the kept replies are read, not asked for again'
 
 
 def test_configuration_survives_a_restart(gateway, small_project):
