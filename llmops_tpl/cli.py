@@ -92,7 +92,7 @@ def monitor(ctx):
 @click.option('--index', 'index_dir', type=click.Path(), default=None, help='index folder [default: paths.index]')
 @click.option('--json', 'as_json', is_flag=True, help='print the hits as JSON')
 def search_cmd(query, k, index_dir, as_json):
-    "Print the passages of the index nearest to QUERY, best first, with their scores."
+    "Print the passages the index finds for QUERY, best first, with their scores (cosine similarities)."
     from llmops_tpl.index import search
     try: hits = search(query, k, index_dir)
     except (ValueError, FileNotFoundError) as e: raise click.ClickException(str(e))

@@ -52,9 +52,9 @@ def test_retrieval_hit_at_5_on_gold_set(small_project):
 def test_cli_search_prints_passages_with_scores(small_project):
     out = run([BIN/'llmops-tpl', 'search', 'serve the files of a folder', '-k', '3'], small_project).stdout
     heads = [line.split() for line in out.splitlines() if line and not line.startswith(' ')]
-    scores = [float(h[0]) for h in heads]
-    assert len(heads) == 3 and scores == sorted(scores, reverse=True) and scores[0] > 0.3, out
-    assert 'staticfiles.md' in [h[1] for h in heads], out
+    scores = [float(h[0]) for h in heads]  # cosine similarities; the order is the hybrid ranking's, not theirs
+    assert len(heads) == 3 and all(0 < s <= 1 for s in scores) and scores[0] > 0.3, out
+    assert heads[0][1] == 'staticfiles.md', out
 
 
 def test_second_repro_is_a_fast_noop(small_project):
