@@ -1,4 +1,4 @@
-"""What the `dataset` stage derives from a corpus, and how well dense retrieval finds the answers of its eval split.
+"""What the `dataset` stage derives from a corpus, and how well dense and hybrid retrieval find the answers of its eval split.
 
 Usage: .venv/bin/python bench/corpus_questions.py DIR [DIR ...] [--questions FILE] [--k 2] [--retrieval dense,hybrid] [--cache DIR]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from llmops_tpl.config import load_params
-from llmops_tpl.dataset import derive_qa, gold_chunk_ids, read_curated, split_by_document
+from llmops_tpl.dataset import collect_questions, split_by_document
 from llmops_tpl.documents import prepare_corpus
 from llmops_tpl.evaluate import reciprocal_rank
 from llmops_tpl.index import Retriever, build_index
@@ -42,9 +42,8 @@ def measure(corpus, questions, k, kinds, cache, p):
             build_index(chunks, Path(tmp)/kind, Path(tmp)/'cache', emb, retrieval=kind)
             retriever = Retriever(Path(tmp)/kind)
             if not rows:  # the questions and the split, as the dataset stage makes them
-                qa = pd.concat([read_curated(questions) if questions else None, derive_qa(chunks, d['max_examples'], d['seed'])])
-                qa['gold_chunk_ids'] = gold_chunk_ids(qa, chunks, retriever.closest)
-                train, evl = split_by_document(qa[qa.gold_chunk_ids.str.len() > 0], d['eval_share'], d['seed'])
+                qa = collect_questions(chunks, questions or Path(tmp)/'none.jsonl', None, d['max_examples'], d['seed'], retriever.closest)
+                train, evl = split_by_document(qa, d['eval_share'], d['seed'])
                 counts = {'corpus': Path(corpus).name, 'files': len(files), 'chunks': len(chunks),
                           **{f"q_{o}": n for o, n in qa.origin.value_counts().items()}, 'train': len(train), 'eval': len(evl)}
             mine = evl[evl.origin == 'curated']

@@ -6,7 +6,7 @@
 __all__ = ['API_QUESTIONS', 'GENERIC', 'IMPERATIVE', 'HOW', 'WHAT_CODE', 'ABOUT', 'QA_COLUMNS', 'GENERATION_PROMPT',
            'SYSTEM_PROMPT', 'first_sentence', 'qa_from_chunk', 'question_for', 'opening_span', 'qa_from_section',
            'derive_qa', 'gold_chunk_ids', 'read_curated', 'generation_messages', 'parse_generated', 'generate_qa',
-           'split_by_document', 'rag_messages', 'sft_example']
+           'split_by_document', 'collect_questions', 'rag_messages', 'sft_example']
 
 # %% ../nbs/08_dataset.ipynb #cell-001
 import hashlib
@@ -17,6 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 # %% ../nbs/08_dataset.ipynb #cell-005
+def _order_key(value, seed:int=0)->str:
+    "A stable pseudo-random sort key for `value`: the same order on every run, another for another `seed`."
+    return hashlib.sha256(f"{seed}:{value}".encode()).hexdigest()
+
+def _in_stable_order(table:pd.DataFrame, column:str, seed:int=0)->pd.DataFrame:
+    "`table`'s rows in the stable pseudo-random order of their `column`."
+    return table.iloc[sorted(range(len(table)), key=lambda i: _order_key(table[column].iloc[i], seed))]
+
 def _pick(options:tuple, key:str):
     "One of `options`, the same one for the same `key` on every run."
     return options[int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % len(options)]
@@ -145,8 +153,7 @@ def derive_qa(chunks:pd.DataFrame, # the chunk table
     rows = [qa_from_chunk(c) or qa_from_section(c) for c in chunks.to_dict('records')]
     qa = pd.DataFrame([r for r in rows if r], columns=QA_COLUMNS)
     qa = qa.drop_duplicates('question', keep=False)
-    order = qa.question.map(lambda q: hashlib.sha256(f"{seed}:{q}".encode()).hexdigest())
-    return qa.assign(order=order).sort_values('order').drop(columns='order').head(max_examples).reset_index(drop=True)
+    return _in_stable_order(qa, 'question', seed).head(max_examples).reset_index(drop=True)
 
 def _normal(text:str)->str: return ' '.join(re.sub(r'\[source: [^\]]*\]', '', text).split()).casefold()
 
@@ -217,9 +224,8 @@ def generate_qa(chunks:pd.DataFrame, # the chunk table
                )->pd.DataFrame:
     "Questions an LLM wrote about up to `n` section openings of `chunks`, each reply cached by passage, prompt and `identity`."
     opening = chunks[chunks.text.str.match(r'#{1,6} ') & (chunks.n_tokens >= 40)]
-    order = opening.chunk_id.map(lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
     rows, cache_dir = [], Path(cache_dir)
-    for c in opening.assign(order=order).sort_values('order').head(n).to_dict('records'):
+    for c in _in_stable_order(opening, 'chunk_id', seed).head(n).to_dict('records'):
         key = hashlib.sha256(json.dumps([GENERATION_PROMPT, identity, c['text']], default=str).encode()).hexdigest()[:16]
         path = cache_dir/f"{key}.json"
         if not path.exists():
@@ -237,7 +243,7 @@ def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
                       min_documents:int=4 # fewer documents with questions is an error
                      )->tuple[pd.DataFrame, pd.DataFrame]:
     "Train and eval questions, split by source document; curated questions (and their documents) are evaluated first."
-    docs = sorted(set(qa.source.dropna()), key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    docs = sorted(set(qa.source.dropna()), key=lambda s: _order_key(s, seed))
     counts = ', '.join(f"{n} {o}" for o, n in qa.origin.value_counts().items()) or 'none'
     if len(docs) < min_documents:
         raise ValueError(f"the corpus gives {len(qa)} questions ({counts}) from {len(docs)} documents, and the dataset "
@@ -256,6 +262,24 @@ def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
     return qa[~is_eval].reset_index(drop=True), evl.reset_index(drop=True)
 
 # %% ../nbs/08_dataset.ipynb #cell-030
+def collect_questions(chunks:pd.DataFrame, # the current chunk table
+                      questions_path:Path|str, # the curated questions (`paths.questions`)
+                      generated:pd.DataFrame|None=None, # from `generate_qa`, when an LLM wrote some
+                      max_examples:int=600, # at most this many derived questions
+                      seed:int=0, # changes their order
+                      closest=None # `Retriever.closest`, for curated questions that name only their source
+                     )->pd.DataFrame:
+    "Curated, generated and derived questions about `chunks`, each with its `gold_chunk_ids`."
+    qa = pd.concat([read_curated(questions_path), generated, derive_qa(chunks, max_examples, seed)], ignore_index=True)
+    qa['gold_chunk_ids'] = gold_chunk_ids(qa, chunks, closest)
+    lost = qa[(qa.origin == 'curated') & qa.source.notna() & (qa.gold_chunk_ids.str.len() == 0)]
+    if len(lost):
+        r = lost.iloc[0]
+        where = f"{r.source!r}" + (f" and section {r.section!r}" if isinstance(r.section, str) else '')
+        raise ValueError(f"{questions_path}, line {int(r.line)}: no chunk of source {where} is in the corpus")
+    return qa[(qa.origin == 'curated') | (qa.gold_chunk_ids.str.len() > 0)].reset_index(drop=True)
+
+# %% ../nbs/08_dataset.ipynb #cell-033
 SYSTEM_PROMPT = ("You answer questions about software documentation using only the passages given. "
                  "Answer in one or two sentences and cite the source of the passage you used as [source: path].")
 
@@ -267,7 +291,7 @@ def rag_messages(question:str, # the user's question
     return [{'role': 'system', 'content': SYSTEM_PROMPT},
             {'role': 'user', 'content': f"Passages:\n\n{context}\n\nQuestion: {question}"}]
 
-# %% ../nbs/08_dataset.ipynb #cell-033
+# %% ../nbs/08_dataset.ipynb #cell-036
 def sft_example(qa:dict, # a row of `derive_qa`
                 retrieved:list[dict], # the chunks retrieval returned for the question, best first
                 gold:dict # the gold chunk
