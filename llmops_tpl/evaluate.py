@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'JUDGED', 'LocalEmbeddings', 'run_async', 'reciprocal_rank', 'score_rows', 'answer_all', 'summarize',
-           'cites_answer_source', 'judge_llm', 'judge_rows', 'variant_key', 'evaluate_variant', 'judge_variant', 'gate',
-           'GateFailed', 'gate_message']
+           'cites_answer_source', 'judge_llm', 'judge_rows', 'answering_code', 'variant_key', 'evaluate_variant',
+           'judge_variant', 'gate', 'GateFailed', 'gate_message']
 
 # %% ../nbs/14_evaluate.ipynb #cell-001
 import asyncio
@@ -27,6 +27,11 @@ with warnings.catch_warnings():  # ragas 0.4.3 has the ID-based metrics only in 
     warnings.simplefilter('ignore', DeprecationWarning)
     from ragas.metrics import IDBasedContextPrecision, IDBasedContextRecall
 
+import llmops_tpl.dataset
+import llmops_tpl.index
+import llmops_tpl.rag
+from .config import code_sha256
+from .finetune import load_generator
 from .rag import RAGChain, cited_sources, token_f1
 
 # %% ../nbs/14_evaluate.ipynb #cell-005
@@ -133,11 +138,20 @@ def judge_rows(rows:pd.DataFrame, # answered questions (`answer_all`): question,
     return pd.concat([rows, pd.DataFrame(verdicts, index=rows.index)], axis=1)
 
 # %% ../nbs/14_evaluate.ipynb #cell-023
+_PACKAGES = ('torch', 'transformers', 'peft', 'sentence-transformers', 'hnswlib', 'bm25s', 'ragas', 'openai')
+
+def answering_code()->str:
+    "A hash of the code that retrieves, prompts, generates and scores, and of the packages it calls."
+    return code_sha256(llmops_tpl.index, llmops_tpl.rag, llmops_tpl.dataset.rag_messages, load_generator, answer_all, score_rows,
+                       reciprocal_rank, _ragas_scores, LocalEmbeddings, packages=_PACKAGES)
+
 def variant_key(identity:dict, # what the variant is: generator, weights hashes, settings
-                eval_rows:list[dict] # the questions
+                rows:list[dict], # the questions (and, for the judge, the answers)
+                code:str # a hash of the code that computes the results (`answering_code`)
                )->str:
-    "A short hash of the variant and the questions: the name of its cached results."
-    return hashlib.sha256(json.dumps([identity, eval_rows], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    "A short hash of the variant, the questions, the system prompt and the code: the name of its cached results."
+    parts = [identity, rows, llmops_tpl.dataset.SYSTEM_PROMPT, code]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 def evaluate_variant(name:str, # the variant's name (`base`, `finetuned`, `api`)
                      identity:dict, # what it is (see `variant_key`)
@@ -149,7 +163,7 @@ def evaluate_variant(name:str, # the variant's name (`base`, `finetuned`, `api`)
     def answer_and_score():
         chain = make_chain()
         return score_rows(answer_all(eval_rows, chain, f"answering ({name})"), LocalEmbeddings(chain.retriever.model))
-    return _cached(Path(cache_dir)/f"{name}-{variant_key(identity, eval_rows)}.parquet", answer_and_score)
+    return _cached(Path(cache_dir)/f"{name}-{variant_key(identity, eval_rows, answering_code())}.parquet", answer_and_score)
 
 def judge_variant(name:str, # the variant's name
                   identity:dict, # what the variant and the judge are (the judge's endpoint, what answers behind it, `max_tokens`)
@@ -161,7 +175,8 @@ def judge_variant(name:str, # the variant's name
     "`scored` with the judge's verdicts (`judge_rows`), and whether they came from the cache; verdicts lost to an unreachable judge are not kept."
     rows = scored[['question', 'answer']].to_dict('records')
     reachable = lambda judged: not judged.judge_error.str.contains('Connection|Timeout').any()
-    return _cached(Path(cache_dir)/f"{name}-judged-{variant_key(identity, rows)}.parquet", lambda: judge_rows(scored, make_llm(), embeddings), reachable)
+    key = variant_key(identity, rows, code_sha256(judge_llm, _verdict, judge_rows, packages=_PACKAGES))
+    return _cached(Path(cache_dir)/f"{name}-judged-{key}.parquet", lambda: judge_rows(scored, make_llm(), embeddings), reachable)
 
 def _cached(path:Path, compute, keep=lambda out: True)->tuple[pd.DataFrame, bool]:
     if path.exists(): return pd.read_parquet(path), True

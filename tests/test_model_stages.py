@@ -53,3 +53,15 @@ def test_merge_writes_one_plain_checkpoint(small_project):
     run([BIN/'llmops-tpl', 'merge'], small_project)
     merged = small_project/'models'/'merged'
     assert (merged/'model.safetensors').exists() and not (merged/'adapter_config.json').exists()
+
+
+def test_an_evaluation_rerun_registers_no_new_version_of_the_same_model(small_project):
+    before = read_json(small_project/'metrics'/'register.json')
+    run([BIN/'dvc', 'repro', '--force', '--single-item', 'evaluate'], small_project)  # from its cache: a new run id, the same verdict
+    run([BIN/'dvc', 'repro', 'register'], small_project)
+    after = read_json(small_project/'metrics'/'register.json')
+    assert after['mlflow_run_id'] != before['mlflow_run_id'], 'register ran again'
+    assert (after['version'], after['model_id'], after['new_version']) == (before['version'], before['model_id'], False)
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    versions = mlflow.MlflowClient().search_model_versions("name='llmops-tpl-rag'")
+    assert len({v.tags.get('content_sha256') for v in versions}) == len(versions), 'one version per content'

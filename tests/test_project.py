@@ -1,5 +1,8 @@
 "The project's own consistency: the package is the notebooks' export, the install lists agree, fixtures match the code."
+import ast
 import filecmp
+import json
+import re
 import shutil
 from configparser import ConfigParser
 
@@ -37,3 +40,35 @@ def test_fixture_chunks_match_the_fixture_corpus():
     tok = AutoTokenizer.from_pretrained(resolve_model('sentence-transformers/all-MiniLM-L6-v2'))
     chunks, _ = prepare_corpus(ROOT/'tests'/'fixtures'/'corpus', tok)
     pd.testing.assert_frame_equal(chunks, pd.read_parquet(ROOT/'tests'/'fixtures'/'chunks.parquet'))
+
+
+def _package_imports(tree):
+    "Names of the llmops_tpl modules `tree` imports anywhere (function bodies too); '' stands for the package's __init__."
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split('.')[1] if '.' in a.name else '' for a in node.names if a.name.split('.')[0] == 'llmops_tpl')
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or '').split('.')[0] == 'llmops_tpl'):
+            sub = (node.module or '').split('.')[1 if not node.level else 0:]
+            yield from [sub[0]] if sub else (a.name for a in node.names)
+
+
+def _module_closure(tree):
+    "The llmops_tpl/*.py files `tree` imports, directly or through the package's own imports."
+    todo, seen = [tree], set()
+    while todo:
+        for name in _package_imports(todo.pop()):
+            path = f'llmops_tpl/{name}.py' if name and (ROOT/'llmops_tpl'/f'{name}.py').exists() else 'llmops_tpl/__init__.py'
+            if path not in seen: seen.add(path); todo.append(ast.parse((ROOT/path).read_text()))
+    return seen - {'llmops_tpl/__init__.py', 'llmops_tpl/_modidx.py'}  # __init__ only sets __version__
+
+
+def test_dvc_stage_deps_list_exactly_the_modules_their_notebooks_import():
+    wrong = []
+    for name, stage in yaml.safe_load((ROOT/'dvc.yaml').read_text())['stages'].items():
+        nb = re.search(r'nbs/stages/\S+\.ipynb', stage['cmd'])[0]
+        cells = [c['source'] for c in json.loads((ROOT/nb).read_text())['cells'] if c['cell_type'] == 'code']
+        code = '\n'.join(l for c in cells for l in ''.join(c).splitlines() if not l.lstrip().startswith(('%', '!')))
+        want, have = _module_closure(ast.parse(code)), {d for d in stage['deps'] if d.startswith('llmops_tpl/')}
+        if nb not in stage['deps'] or have != want:
+            wrong.append(f"{name}: {'' if nb in stage['deps'] else nb + ' not in deps; '}missing {sorted(want - have)}, extra {sorted(have - want)}")
+    assert not wrong, '\n'.join(wrong)
