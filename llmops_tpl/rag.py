@@ -53,13 +53,17 @@ class LocalGenerator:
               )->Iterator[str]:
         "The reply, in pieces as they are decoded."
         from transformers import TextIteratorStreamer
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer, failed = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), []
+        def generate(**kw):
+            try: self.model.generate(**kw)
+            except Exception as e: failed.append(e); streamer.end()  # `end` queues the stop signal the reader waits for
         with self._lock:
-            thread = threading.Thread(target=self.model.generate, kwargs=dict(**self._inputs(messages), max_new_tokens=max_new_tokens,
-                                                                               do_sample=False, streamer=streamer))
+            thread = threading.Thread(target=generate, kwargs=dict(**self._inputs(messages), max_new_tokens=max_new_tokens,
+                                                                    do_sample=False, streamer=streamer))
             thread.start()
             yield from (piece for piece in streamer if piece)
             thread.join()
+        if failed: raise failed[0]
 
 # %% ../nbs/09_rag.ipynb #cell-009
 class GeneratorError(RuntimeError):

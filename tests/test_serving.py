@@ -1,10 +1,12 @@
 "The registered RAG model, human approval and rollback, and the serving endpoint as a real process over HTTP."
 import json
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import mlflow
+import pytest
 import yaml
 from openai import OpenAI
 
@@ -103,6 +105,28 @@ def test_streamed_chat_completion_matches_the_whole_answer(server):
     assert chunks[-1].choices[0].finish_reason == 'stop' and chunks[-1].model_extra['sources']
 
 
+def within(seconds, fn):
+    "`fn()`'s result, or its exception raised, run in a daemon thread, so that a hang fails the test instead of blocking it."
+    out = {}
+    def target():
+        try: out['result'] = fn()
+        except Exception as e: out['error'] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start(); t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    if 'error' in out: raise out['error']
+    return out['result']
+
+
+def test_a_failed_local_generation_is_raised_to_the_stream_reader_and_frees_the_generator(small_project):
+    from llmops_tpl.rag import LocalGenerator
+    gen = LocalGenerator(small_project/read_json(small_project/'models'/'base_model.json')['path'])
+    messages = [{'role': 'user', 'content': 'What does json.loads do?'}]
+    with pytest.raises(ValueError, match='max_new_tokens'):  # raised by `generate`, in the thread that feeds the streamer
+        within(30, lambda: list(gen.stream(messages, max_new_tokens=-1)))
+    assert ''.join(within(120, lambda: list(gen.stream(messages, max_new_tokens=8)))).strip(), 'the lock was released'
+
+
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
     chat = f"{server}/v1/chat/completions"
     r = httpx.post(chat, content=b'{"messages": [', headers={'content-type': 'application/json'})
@@ -122,12 +146,15 @@ def test_unknown_alias_fails_clearly(small_project):
     assert res.returncode != 0 and f"{MODEL}@nope does not exist" in res.stderr
 
 
-def test_a_new_approval_reaches_the_server_and_rollback_returns(small_project, approved, server):
+def test_a_new_approval_reaches_the_server_and_rollback_returns(small_project, approved, server, tmp_path):
     first, _ = approved
-    (small_project/'metrics'/'gate.json').write_text(json.dumps({'passed': True, 'checks': []}))
-    run([BIN/'dvc', 'repro', '--force', '--single-item', 'register'], small_project)
-    reg = read_json(small_project/'metrics'/'register.json')
-    assert reg['challenger'] and reg['version'] > first
+    (tmp_path/'gate.json').write_text(json.dumps({'passed': True, 'checks': []}))
+    run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
+         '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'gate_path', str(tmp_path/'gate.json'),
+         '-p', 'metrics_path', str(tmp_path/'register.json'), '-p', 'tracking_uri', 'sqlite:///mlflow.db', '-p', 'max_new_tokens', '20'],
+        small_project)  # another model (shorter answers), whose gate passed
+    reg = read_json(tmp_path/'register.json')
+    assert reg['challenger'] and reg['new_version'] and reg['version'] > first
     assert registry(small_project).get_registered_model(MODEL).aliases['challenger'] == reg['version']
     run([BIN/'llmops-tpl', 'approve', '--version', str(reg['version']), '--reviewer', 'ben', '--note', 'gate passed'], small_project)
 
