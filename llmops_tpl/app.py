@@ -109,125 +109,263 @@ def _user(request:gr.Request|None, # the request Gradio passes to a handler
     "Who acts: with a login, the logged-in user (so a typed name impersonates no one); else `unknown`."
     return (request and request.username) or unknown
 
-def _fail(e:Exception): raise gr.Error(str(e), print_exception=False)
+def _fail(e:Exception # what went wrong
+         ):
+    "`e` as a message in the app, without a traceback in its log."
+    raise gr.Error(str(e), print_exception=False)
 
-def _pending(store)->pd.DataFrame:
+def _pending(store:sa.Engine # the feedback store
+            )->pd.DataFrame:
+    "The feedback waiting for review, every cell a plain string."
     cols = ['id', 'rating', 'question', 'answer', 'reason', 'correction', 'user']
     return read_table(store, where=FEEDBACK.c.review.is_(None))[cols].astype(str).replace({'None': ''})
+
+# %% ../nbs/17_app.ipynb #cell-009b
+def _ask(models:AppModels, # the versions to talk to
+         max_chars:int, # the longest question accepted
+         question:str, # what the user typed
+         route:str, # a key of `ROUTES`
+         history:list|None, # the conversation so far, as Gradio messages
+         request:gr.Request|None=None # the request Gradio passes to a handler
+        )->Iterator[tuple]:
+    "The chat tab's outputs: the conversation as the answer is written, then its sources and turn."
+    try:
+        q = check_question(question, max_chars)
+        champ, chain = models.champion, models.chain(route)
+        tags = {'model': models.name, 'model_version': champ.version, 'route': route, 'user': _user(request)}
+        history = (history or []) + [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': ''}]
+        # api: whole answers, as the gateway meters them
+        turns = stream_turn(chain, q, tags) if route == 'selfhosted' else [answer_turn(chain, q, tags)]
+        for res in turns:
+            if 'delta' in res:
+                history[-1]['content'] += res['delta']
+                yield history, *[gr.skip()] * 7
+    except (ValueError, GeneratorError) as e: _fail(e)
+    turn = {k: res[k] for k in ('question', 'answer', 'sources', 'trace_id')}
+    turn |= {'model_version': champ.version, 'route': route}
+    history[-1]['content'] = res['answer']
+    answered_by = f"Answered by {models.name} version {champ.version} ({ROUTES[route]})."
+    yield history, sources_markdown(res), turn, '', None, '', '', answered_by
+
+def _give_feedback(models:AppModels, # the versions to talk to
+                   store:sa.Engine, # the feedback store
+                   forward:threading.Event|None, # set after each feedback so it reaches MLflow at once
+                   turn:dict|None, # the session's last answer, from `_ask`
+                   rating:str|None, # `up` or `down`
+                   reason:str, # why the user rated it so
+                   correction:str, # the answer the user expected
+                   request:gr.Request|None=None # the request Gradio passes to a handler
+                  )->tuple:
+    "Records a rating of the session's last answer; the thanks, and the feedback form cleared."
+    if not turn: _fail(ValueError('Ask a question first: feedback is about an answer.'))
+    if rating not in ('up', 'down'): _fail(ValueError('Choose thumbs up or thumbs down.'))
+    fid = add_feedback(store, turn['question'], turn['answer'], rating, reason, correction, turn['trace_id'],
+                       turn['sources'], models.name, turn['model_version'], turn['route'], _user(request))
+    if forward is not None: forward.set()
+    return f"Thank you: feedback #{fid} recorded.", None, '', ''
+
+# %% ../nbs/17_app.ipynb #cell-009d
+def _review_side(models:AppModels, # the versions to talk to
+                 side:str, # `champion` or `challenger`
+                 champ:Champion, # the version on that side
+                 question:str # the reviewer's question, checked
+                )->dict:
+    "One side of a comparison: the version, its answer, the answer's trace and its sources as Markdown."
+    tags = {'model': models.name, 'model_version': champ.version, 'route': 'selfhosted', 'review': side}
+    # a `review_turn`: not users' traffic, so monitoring leaves it out
+    res = answer_turn(champ.model.get_raw_model().chain, question, tags, 'review_turn')
+    return {'version': champ.version, 'answer': res['answer'], 'trace_id': res['trace_id'], 'md': sources_markdown(res)}
+
+def _side_markdown(side:str, # `champion` or `challenger`
+                   answer:dict # that side, from `_review_side`
+                  )->str:
+    "One side's answer (escaped) and sources under its alias and version."
+    return f"### @{side} (version {answer['version']})\n\n{html.escape(answer['answer'])}\n\n{answer['md']}"
+
+def _compare(models:AppModels, # the versions to talk to
+             max_chars:int, # the longest question accepted
+             question:str # what the reviewer typed
+            )->tuple:
+    "Both versions' answers to `question` as Markdown, and the pair a vote is about."
+    try:
+        q = check_question(question, max_chars)
+        versions = (('champion', models.champion), ('challenger', models.challenger()))
+        sides = {side: _review_side(models, side, champ, q) for side, champ in versions}
+    except (ValueError, LookupError, GeneratorError) as e: _fail(e)
+    champ_md, chall_md = (_side_markdown(side, sides[side]) for side in ('champion', 'challenger'))
+    return champ_md, chall_md, {'question': q, **sides}
+
+# %% ../nbs/17_app.ipynb #cell-009e
+def _vote(store:sa.Engine, # the feedback store
+          pair:dict|None, # the last comparison, from `_compare`
+          preferred:str|None, # `champion`, `challenger` or `tie`
+          reviewer:str|None, # the name typed
+          note:str, # the reviewer's note
+          request:gr.Request|None=None # the request Gradio passes to a handler
+         )->str:
+    "Records a reviewer's vote on the last comparison."
+    reviewer = _user(request, reviewer or '')
+    if not pair: _fail(ValueError('Ask both versions a question first.'))
+    if preferred not in ('champion', 'challenger', 'tie'): _fail(ValueError('Choose which answer is better, or a tie.'))
+    vid = add_vote(store, pair['question'], preferred, pair['champion'], pair['challenger'], reviewer or None, note)
+    return f"Vote #{vid} recorded: {preferred}."
+
+def _approve_challenger(models:AppModels, # the versions to talk to
+                        reviewer:str|None, # the name typed
+                        note:str|None, # why it is approved
+                        override:str|None, # the reason to approve a version that failed its evaluation gate
+                        request:gr.Request|None=None # the request Gradio passes to a handler
+                       )->str:
+    "Approves `@challenger`, which becomes `@champion` for chat at once."
+    reviewer = _user(request, reviewer or '')
+    try:
+        version = models.challenger().version
+        approve(models.name, version, reviewer, note or '', override or None)
+    except (ValueError, LookupError, PermissionError) as e: _fail(e)
+    models.champion.refresh()
+    return f"Version {version} approved by {reviewer}: it is @champion now."
+
+def _decide(store:sa.Engine, # the feedback store
+            fid:float|None, # the feedback id typed
+            verdict:str, # `accepted` or `rejected`
+            reviewer:str|None, # the name typed
+            note:str, # the reviewer's note
+            request:gr.Request|None # the request Gradio passes to a handler
+           )->tuple:
+    "Reviews one feedback row; the verdict, and the feedback still waiting."
+    try: review(store, int(fid or 0), verdict, _user(request, reviewer or ''), note)
+    except (ValueError, LookupError) as e: _fail(e)
+    return f"Feedback #{int(fid)} {verdict}.", _pending(store)
+
+def _on_load(store:sa.Engine, # the feedback store
+             request:gr.Request|None=None # the request Gradio passes to a handler
+            )->tuple:
+    "The review tab on opening: the feedback waiting, and the reviewer fixed to the login if any."
+    user = _user(request, '')
+    return _pending(store), gr.update(value=user, interactive=not user)
+
+# %% ../nbs/17_app.ipynb #cell-009g
+def _feedback_form()->tuple:
+    "The chat tab's feedback form: the rating, reason and correction fields, and the send button."
+    with gr.Group():
+        rating = gr.Radio([('👍 Helpful', 'up'), ('👎 Not helpful', 'down')], label='Your rating of the last answer')
+        reason = gr.Textbox(label='Reason')
+        correction = gr.Textbox(label='Correction: the answer you expected', lines=3)
+        send_btn = gr.Button('Send feedback')
+    return rating, reason, correction, send_btn
+
+def _chat_tab(models:AppModels, # the versions to talk to
+              store:sa.Engine, # the feedback store
+              max_chars:int, # the longest question accepted
+              route:str, # the chat route selected at first
+              forward:threading.Event|None # set after each feedback so it reaches MLflow at once
+             ):
+    "The chat tab: a conversation with `@champion`, the last answer's sources, and feedback on it."
+    with gr.Tab('Chat'):
+        route_choice = gr.Radio([(v, k) for k, v in ROUTES.items()], value=route, label='Route')
+        chat = gr.Chatbot(label='Conversation', height=360)
+        question = gr.Textbox(label='Question', placeholder='How do I log a metric in MLflow?', lines=2)
+        ask_btn = gr.Button('Ask', variant='primary')
+        answered_by, sources = gr.Markdown(), gr.Markdown()
+        rating, reason, correction, send_btn = _feedback_form()
+        feedback_status, turn = gr.Markdown(), gr.State(None)
+    def ask(question, route, history, request:gr.Request=None):
+        yield from _ask(models, max_chars, question, route, history, request)
+    def give_feedback(turn, rating, reason, correction, request:gr.Request=None):
+        return _give_feedback(models, store, forward, turn, rating, reason, correction, request)
+    ask_outputs = [chat, sources, turn, question, rating, reason, correction, answered_by]
+    ask_btn.click(ask, [question, route_choice, chat], ask_outputs, api_name='ask')
+    question.submit(ask, [question, route_choice, chat], ask_outputs, api_name=False)
+    send_btn.click(give_feedback, [turn, rating, reason, correction], [feedback_status, rating, reason, correction],
+                   api_name='feedback', concurrency_limit=None)
+
+# %% ../nbs/17_app.ipynb #cell-009h
+def _compare_section(models:AppModels, # the versions to talk to
+                     max_chars:int # the longest question accepted
+                    )->gr.State:
+    "A question for both versions and their answers side by side; the state holding the pair."
+    question = gr.Textbox(label='Question for both versions')
+    compare_btn = gr.Button('Ask @champion and @challenger', variant='primary')
+    with gr.Row(): champ_md, chall_md = gr.Markdown(), gr.Markdown()
+    pair = gr.State(None)
+    def compare(question): return _compare(models, max_chars, question)
+    compare_btn.click(compare, question, [champ_md, chall_md, pair], api_name='compare')
+    return pair
+
+def _approval_section(models:AppModels, # the versions to talk to
+                      store:sa.Engine, # the feedback store
+                      pair:gr.State # the last comparison, from `_compare_section`
+                     )->tuple:
+    "The vote on the pair and the approval of `@challenger`; the reviewer, note and status fields."
+    choices = [('@champion is better', 'champion'), ('@challenger is better', 'challenger'), ('Tie', 'tie')]
+    preferred = gr.Radio(choices, label='Vote')
+    reviewer, note = gr.Textbox(label='Reviewer'), gr.Textbox(label='Note')
+    override = gr.Textbox(label='Override: the reason to approve a challenger that failed its evaluation gate')
+    with gr.Row():
+        vote_btn, approve_btn = gr.Button('Record vote'), gr.Button('Approve @challenger', variant='stop')
+    status = gr.Markdown()
+    def vote(pair, preferred, reviewer, note, request:gr.Request=None):
+        return _vote(store, pair, preferred, reviewer, note, request)
+    def approve_challenger(reviewer, note, override, request:gr.Request=None):
+        return _approve_challenger(models, reviewer, note, override, request)
+    vote_btn.click(vote, [pair, preferred, reviewer, note], status, api_name='vote', concurrency_limit=None)
+    approve_btn.click(approve_challenger, [reviewer, note, override], status, api_name='approve')
+    return reviewer, note, status
+
+def _pending_section(store:sa.Engine, # the feedback store
+                     reviewer:gr.Textbox, # the reviewer field, from `_approval_section`
+                     note:gr.Textbox, # the note field
+                     status:gr.Markdown # where the verdict is shown
+                    )->gr.Dataframe:
+    "The feedback waiting for review, to accept or reject by id; the table."
+    gr.Markdown('### Feedback waiting for review\n'
+                'Accepted corrections become fine-tuning examples; accepted thumbs-down join the regression set.')
+    pending = gr.Dataframe(label='Feedback waiting for review', interactive=False, wrap=True,
+                           column_widths=['6%', '8%', '20%', '26%', '15%', '19%', '6%'])
+    with gr.Row():
+        fid = gr.Number(label='Feedback id', precision=0)
+        accept_btn, reject_btn, refresh_btn = gr.Button('Accept'), gr.Button('Reject'), gr.Button('Refresh')
+    def accept(fid, reviewer, note, request:gr.Request=None):
+        return _decide(store, fid, 'accepted', reviewer, note, request)
+    def reject(fid, reviewer, note, request:gr.Request=None):
+        return _decide(store, fid, 'rejected', reviewer, note, request)
+    accept_btn.click(accept, [fid, reviewer, note], [status, pending], api_name='accept')
+    reject_btn.click(reject, [fid, reviewer, note], [status, pending], api_name='reject')
+    refresh_btn.click(lambda: _pending(store), None, pending, api_name=False)
+    return pending
+
+def _review_tab(models:AppModels, # the versions to talk to
+                store:sa.Engine, # the feedback store
+                max_chars:int # the longest question accepted
+               )->tuple:
+    "The review tab: comparison, vote and approval, feedback review; the table and reviewer field."
+    with gr.Tab('Review'):
+        pair = _compare_section(models, max_chars)
+        reviewer, note, status = _approval_section(models, store, pair)
+        pending = _pending_section(store, reviewer, note, status)
+    return pending, reviewer
+
+# %% ../nbs/17_app.ipynb #cell-009j
+def _header(models:AppModels # the versions to talk to
+           )->str:
+    "The app's title and what to do, with a warning while no version is approved."
+    text = (f"# {models.name}\nAsk about the documentation in the corpus. "
+            'Rate each answer: your feedback trains the next version.')
+    champ = models.champion
+    if champ.alias == 'champion': return text
+    return text + f"\n\n**No version is approved yet: you are talking to @{champ.alias} (version {champ.version}).**"
 
 def build_app(models:AppModels, # the versions to talk to
               store:sa.Engine, # the feedback store
               max_chars:int=4000, # the longest question accepted
               route:str='selfhosted', # the chat route selected at first
-              forward:threading.Event|None=None # set after each feedback so it reaches MLflow at once (`forward_in_background`)
+              forward:threading.Event|None=None # `forward_in_background`'s event: set after each feedback
              )->gr.Blocks:
     "The Gradio app: a chat tab with feedback, and a review tab for comparison, approval and feedback review."
-    def ask(question, route, history, request:gr.Request=None):
-        try:
-            q = check_question(question, max_chars)
-            champ, chain = models.champion, models.chain(route)
-            tags = {'model': models.name, 'model_version': champ.version, 'route': route, 'user': _user(request)}
-            history = (history or []) + [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': ''}]
-            for res in (stream_turn(chain, q, tags) if route == 'selfhosted' else [answer_turn(chain, q, tags)]):  # api: whole answers, metered
-                if 'delta' in res:
-                    history[-1]['content'] += res['delta']
-                    yield history, *[gr.skip()] * 7
-        except (ValueError, GeneratorError) as e: _fail(e)
-        turn = {k: res[k] for k in ('question', 'answer', 'sources', 'trace_id')} | {'model_version': champ.version, 'route': route}
-        history[-1]['content'] = res['answer']
-        yield history, sources_markdown(res), turn, '', None, '', '', f"Answered by {models.name} version {champ.version} ({ROUTES[route]})."
-
-    def give_feedback(turn, rating, reason, correction, request:gr.Request=None):
-        if not turn: _fail(ValueError('Ask a question first: feedback is about an answer.'))
-        if rating not in ('up', 'down'): _fail(ValueError('Choose thumbs up or thumbs down.'))
-        fid = add_feedback(store, turn['question'], turn['answer'], rating, reason, correction, turn['trace_id'], turn['sources'],
-                           models.name, turn['model_version'], turn['route'], _user(request))
-        if forward is not None: forward.set()
-        return f"Thank you: feedback #{fid} recorded.", None, '', ''
-
-    def compare(question):
-        try:
-            q = check_question(question, max_chars)
-            sides = {}
-            for side, champ in (('champion', models.champion), ('challenger', models.challenger())):
-                tags = {'model': models.name, 'model_version': champ.version, 'route': 'selfhosted', 'review': side}
-                res = answer_turn(champ.model.get_raw_model().chain, q, tags, 'review_turn')  # not users' traffic: monitoring leaves it out
-                sides[side] = {'version': champ.version, 'answer': res['answer'], 'trace_id': res['trace_id'], 'md': sources_markdown(res)}
-        except (ValueError, LookupError, GeneratorError) as e: _fail(e)
-        show = lambda s: f"### @{s} (version {sides[s]['version']})\n\n{html.escape(sides[s]['answer'])}\n\n{sides[s]['md']}"
-        return show('champion'), show('challenger'), {'question': q, **sides}
-
-    def vote(pair, preferred, reviewer, note, request:gr.Request=None):
-        reviewer = _user(request, reviewer or '')
-        if not pair: _fail(ValueError('Ask both versions a question first.'))
-        if preferred not in ('champion', 'challenger', 'tie'): _fail(ValueError('Choose which answer is better, or a tie.'))
-        vid = add_vote(store, pair['question'], preferred, pair['champion'], pair['challenger'], reviewer or None, note)
-        return f"Vote #{vid} recorded: {preferred}."
-
-    def approve_challenger(reviewer, note, override, request:gr.Request=None):
-        reviewer = _user(request, reviewer or '')
-        try:
-            version = models.challenger().version
-            approve(models.name, version, reviewer, note or '', override or None)
-        except (ValueError, LookupError, PermissionError) as e: _fail(e)
-        models.champion.refresh()
-        return f"Version {version} approved by {reviewer}: it is @champion now."
-
-    def decide(fid, verdict, reviewer, note, request):
-        try: review(store, int(fid or 0), verdict, _user(request, reviewer or ''), note)
-        except (ValueError, LookupError) as e: _fail(e)
-        return f"Feedback #{int(fid)} {verdict}.", _pending(store)
-
-    def accept(fid, reviewer, note, request:gr.Request=None): return decide(fid, 'accepted', reviewer, note, request)
-    def reject(fid, reviewer, note, request:gr.Request=None): return decide(fid, 'rejected', reviewer, note, request)
-
-    def on_load(request:gr.Request=None):
-        user = _user(request, '')
-        return _pending(store), gr.update(value=user, interactive=not user)  # with a login, the reviewer is who logged in
-
+    def on_load(request:gr.Request=None): return _on_load(store, request)
     with gr.Blocks(title='llmops-tpl') as app:
-        gr.Markdown(f"# {models.name}\nAsk about the documentation in the corpus. Rate each answer: your feedback trains the next version."
-                    + ('' if models.champion.alias == 'champion' else f"\n\n**No version is approved yet: you are talking to @{models.champion.alias} "
-                                                                          f"(version {models.champion.version}).**"))
-        with gr.Tab('Chat'):
-            route_choice = gr.Radio([(v, k) for k, v in ROUTES.items()], value=route, label='Route')
-            chat = gr.Chatbot(label='Conversation', height=360)
-            question = gr.Textbox(label='Question', placeholder='How do I log a metric in MLflow?', lines=2)
-            ask_btn = gr.Button('Ask', variant='primary')
-            answered_by, sources = gr.Markdown(), gr.Markdown()
-            with gr.Group():
-                rating = gr.Radio([('👍 Helpful', 'up'), ('👎 Not helpful', 'down')], label='Your rating of the last answer')
-                reason = gr.Textbox(label='Reason')
-                correction = gr.Textbox(label='Correction: the answer you expected', lines=3)
-                send_btn = gr.Button('Send feedback')
-            feedback_status, turn = gr.Markdown(), gr.State(None)
-        with gr.Tab('Review'):
-            r_question = gr.Textbox(label='Question for both versions')
-            compare_btn = gr.Button('Ask @champion and @challenger', variant='primary')
-            with gr.Row(): champ_md, chall_md = gr.Markdown(), gr.Markdown()
-            pair = gr.State(None)
-            preferred = gr.Radio([('@champion is better', 'champion'), ('@challenger is better', 'challenger'), ('Tie', 'tie')], label='Vote')
-            reviewer, note = gr.Textbox(label='Reviewer'), gr.Textbox(label='Note')
-            override = gr.Textbox(label='Override: the reason to approve a challenger that failed its evaluation gate')
-            with gr.Row():
-                vote_btn, approve_btn = gr.Button('Record vote'), gr.Button('Approve @challenger', variant='stop')
-            review_status = gr.Markdown()
-            gr.Markdown('### Feedback waiting for review\nAccepted corrections become fine-tuning examples; accepted thumbs-down join the regression set.')
-            pending = gr.Dataframe(label='Feedback waiting for review', interactive=False, wrap=True,
-                                   column_widths=['6%', '8%', '20%', '26%', '15%', '19%', '6%'])
-            with gr.Row():
-                fid = gr.Number(label='Feedback id', precision=0)
-                accept_btn, reject_btn, refresh_btn = gr.Button('Accept'), gr.Button('Reject'), gr.Button('Refresh')
-        ask_outputs = [chat, sources, turn, question, rating, reason, correction, answered_by]
-        ask_btn.click(ask, [question, route_choice, chat], ask_outputs, api_name='ask')
-        question.submit(ask, [question, route_choice, chat], ask_outputs, api_name=False)
-        send_btn.click(give_feedback, [turn, rating, reason, correction], [feedback_status, rating, reason, correction], api_name='feedback',
-                       concurrency_limit=None)
-        compare_btn.click(compare, r_question, [champ_md, chall_md, pair], api_name='compare')
-        vote_btn.click(vote, [pair, preferred, reviewer, note], review_status, api_name='vote', concurrency_limit=None)
-        approve_btn.click(approve_challenger, [reviewer, note, override], review_status, api_name='approve')
-        accept_btn.click(accept, [fid, reviewer, note], [review_status, pending], api_name='accept')
-        reject_btn.click(reject, [fid, reviewer, note], [review_status, pending], api_name='reject')
-        refresh_btn.click(lambda: _pending(store), None, pending, api_name=False)
+        gr.Markdown(_header(models))
+        _chat_tab(models, store, max_chars, route, forward)
+        pending, reviewer = _review_tab(models, store, max_chars)
         app.load(on_load, None, [pending, reviewer], api_name=False)
     return app

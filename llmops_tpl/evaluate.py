@@ -31,8 +31,7 @@ import llmops_tpl.dataset
 import llmops_tpl.index
 import llmops_tpl.rag
 from .config import code_sha256
-from .finetune import load_generator
-from .rag import RAGChain, cited_sources, token_f1
+from .rag import RAGChain, cited_sources, load_generator, token_f1
 
 # %% ../nbs/14_evaluate.ipynb #cell-005
 class LocalEmbeddings(BaseRagasEmbedding):

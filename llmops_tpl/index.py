@@ -214,11 +214,8 @@ class Retriever:
 def _retriever(index_dir:str)->Retriever: return Retriever(index_dir)
 
 def search(query:str, # the question
-           k:int=5, # how many chunks
-           index_dir:Path|str|None=None # an index folder; the project's `paths.index` when None
+           index_dir:Path|str, # an index folder (`paths.index`)
+           k:int=5 # how many chunks
           )->list[dict]:
     "The `k` chunks of the index nearest to `query`, with scores; the index is loaded once per process."
-    if index_dir is None:
-        from llmops_tpl.config import load_params, project_path
-        index_dir = project_path(load_params()['paths']['index'])
     return _retriever(str(Path(index_dir).resolve())).search(query, k)

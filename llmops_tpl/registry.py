@@ -7,14 +7,13 @@ __all__ = ['propose', 'champion', 'approve', 'rollback', 'history']
 
 # %% ../nbs/11_registry.ipynb #cell-001
 import json
-from datetime import datetime, timezone
 
 import mlflow
 import pandas as pd
 
-# %% ../nbs/11_registry.ipynb #cell-005
-def _now()->str: return datetime.now(timezone.utc).isoformat(timespec='microseconds')
+from .config import now
 
+# %% ../nbs/11_registry.ipynb #cell-005
 def propose(name:str, # the registered model
             version:int|str, # the version the `register` stage created
             gate:dict|None # the evaluation gate's result (`passed`, `checks`); None when there is none
@@ -49,7 +48,7 @@ def approve(name:str, # the registered model
     if mv.tags.get('gate_passed') != 'true' and not override:
         raise PermissionError(f"version {version} of {name} did not pass its evaluation gate ({mv.tags.get('gate', 'no result')}): "
                               "approve it with an override reason to deploy it anyway")
-    tags = {'approved_by': reviewer, 'approved_at': _now(), 'approval_note': note, 'approval_evaluation': mv.tags.get('gate', ''),
+    tags = {'approved_by': reviewer, 'approved_at': now(), 'approval_note': note, 'approval_evaluation': mv.tags.get('gate', ''),
             'approval_replaces': str(champion(name) or '')}
     if override: tags['approval_override'] = override
     c = mlflow.MlflowClient()
@@ -71,7 +70,7 @@ def rollback(name:str, # the registered model
     earlier = approved[approved.approved_at < cur_at].sort_values('approved_at')
     if earlier.empty: raise LookupError(f"{name} has no version approved before version {current} to roll back to")
     target, c = int(earlier.version.iloc[-1]), mlflow.MlflowClient()
-    for k, v in {'rolled_back_at': _now(), 'rolled_back_by': reviewer, 'rollback_note': note}.items(): c.set_model_version_tag(name, str(current), k, v)
+    for k, v in {'rolled_back_at': now(), 'rolled_back_by': reviewer, 'rollback_note': note}.items(): c.set_model_version_tag(name, str(current), k, v)
     c.set_registered_model_alias(name, 'champion', str(target))
     return target
 

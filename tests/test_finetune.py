@@ -6,7 +6,8 @@ import torch
 from transformers import TrainerCallback
 
 from llmops_tpl.rag import LocalGenerator
-from llmops_tpl.finetune import finetune, load_generator, lora_config, sft_config
+from llmops_tpl.finetune import finetune, lora_config, sft_config
+from llmops_tpl.rag import load_generator
 from llmops_tpl.hub import fetch_base_model
 
 ROWS = [{'prompt': [{'role': 'user', 'content': f"Question {i}: which library builds the vector index?"}],

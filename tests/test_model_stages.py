@@ -61,7 +61,7 @@ def test_an_evaluation_rerun_registers_no_new_version_of_the_same_model(small_pr
     run([BIN/'dvc', 'repro', 'register'], small_project)
     after = read_json(small_project/'metrics'/'register.json')
     assert after['mlflow_run_id'] != before['mlflow_run_id'], 'register ran again'
-    assert (after['version'], after['model_id'], after['new_version']) == (before['version'], before['model_id'], False)
+    assert (after['version'], after['model_uri'], after['new_version']) == (before['version'], before['model_uri'], False)
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
     versions = mlflow.MlflowClient().search_model_versions("name='llmops-tpl-rag'")
     assert len({v.tags.get('content_sha256') for v in versions}) == len(versions), 'one version per content'
