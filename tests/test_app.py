@@ -7,6 +7,7 @@ import time
 
 import mlflow
 import pytest
+from gradio_client import Client
 from playwright.sync_api import expect
 
 from conftest import BIN, free_port, read_json, run, start, stop
@@ -126,15 +127,30 @@ def test_app_in_a_real_browser(small_project, approved, browser, tmp_path):
         stop(proc)
 
 
-def test_monitor_reports_the_app_traffic_and_reruns_only_on_new_traffic(small_project):
-    "After the browser test's turns and rating: satisfaction, latency, retrieval-score drift and a plot; a second run finds nothing new."
+def test_monitor_reports_new_app_traffic_and_reruns_only_on_new_traffic(small_project, approved, tmp_path):
+    "A turn and a rating through the app since the monitor last ran: counted, with latency, drift and a plot; a rerun finds nothing new."
+    run([BIN/'llmops-tpl', 'monitor'], small_project)  # whatever other tests sent is read first
+    before = read_json(small_project/'metrics'/'monitor.json')
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name('llmops-tpl').experiment_id
+    traced = lambda: len(mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list'))
+    turns_before, port = traced(), free_port()
+    proc = start([BIN/'llmops-tpl', 'app', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/", log=tmp_path/'app.log')
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client.predict('How do I serve static files?', 'selfhosted', [], api_name='/ask')
+        client.predict('down', 'it did not name the class to mount', '', api_name='/feedback')
+    finally: stop(proc)
+    for _ in range(30):  # the turn's trace is written in the background: wait until it is in the store
+        if traced() > turns_before: break
+        time.sleep(1)
     run([BIN/'llmops-tpl', 'monitor'], small_project)
     m = read_json(small_project/'metrics'/'monitor.json')
-    assert m['turns'] == m['new_turns'] >= 2 and (m['ratings'], m['satisfaction']) == (1, 0.0), m
+    assert (m['new_turns'], m['turns'], m['ratings']) == (1, before['turns'] + 1, before['ratings'] + 1), (before, m)
     assert m['latency_p95_s'] >= m['latency_p50_s'] > 0 and m['errors'] == 0
     assert 0 <= m['ks_statistic'] <= 1 and m['median_shift'] is not None
     assert (small_project/'plots'/'monitor.png').stat().st_size > 10_000
-    assert 'it did not say which function' in (small_project/'reports'/'monitor.ipynb').read_text()  # the failing questions' reasons
+    assert 'it did not name the class to mount' in (small_project/'reports'/'monitor.ipynb').read_text()  # the failing questions' reasons
     again = run([BIN/'llmops-tpl', 'monitor'], small_project)
     assert "Stage 'monitor' didn't change" in again.stdout + again.stderr or 'up to date' in again.stdout + again.stderr
 
