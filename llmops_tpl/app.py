@@ -30,7 +30,8 @@ ROUTES = {'selfhosted': 'Self-hosted fine-tuned model', 'api': 'Third-party LLM 
 class AppModels:
     "The registered versions the app talks to: `@champion` for chat, `@challenger` for review, and the API route's generator settings."
     def __init__(self, name:str, # the registered RAG model
-                 api:dict|None=None, # the `api` route's `OpenAIGenerator` settings: `base_url`, `model`, `timeout`, `max_retries`
+                 # the `api` route's `OpenAIGenerator` settings: `base_url`, `model`, `timeout`, `max_retries`
+                 api:dict|None=None,
                  champion:str='champion' # the alias (or version number) to chat with
                 ):
         self.name, self.api, self.champion, self._challenger = name, api, Champion(name, champion), None
@@ -47,7 +48,8 @@ class AppModels:
         chain = self.champion.model.get_raw_model().chain
         if route == 'selfhosted': return chain
         if route != 'api': raise ValueError(f"unknown route {route!r}: use one of {list(ROUTES)}")
-        if not self.api: raise ValueError('the api route is not configured: start the app with the gateway settings (llmops-tpl app does)')
+        if not self.api: raise ValueError('the api route is not configured: start the app with the gateway settings '
+                                          '(llmops-tpl app does)')
         return RAGChain(chain.retriever, OpenAIGenerator(**self.api), chain.k, chain.max_new_tokens)
 
 # %% ../nbs/17_app.ipynb #cell-007
@@ -57,14 +59,16 @@ def check_question(question:str, # what the user typed
     "The question, stripped, or a `ValueError` that says what is wrong with it."
     question = (question or '').strip()
     if not question: raise ValueError('Type a question first.')
-    if len(question) > max_chars: raise ValueError(f"The question has {len(question):,} characters; the app accepts at most {max_chars:,}.")
+    if len(question) > max_chars:
+        raise ValueError(f"The question has {len(question):,} characters; the app accepts at most {max_chars:,}.")
     return question
 
 def answer_turn(chain:RAGChain, # the chain to ask
                 question:str, # the user's question, checked
                 tags:dict, # trace tags: model, version, route, user
                 name:str='chat_turn', # the root span's name: `chat_turn` for users' chat (what monitoring reads), `review_turn` for reviewers'
-                on_delta=None # called with each `{'delta': text}` piece as the answer is written; None: the answer is asked for whole
+                # called with each `{'delta': text}` piece as the answer is written; None: the answer is asked for whole
+                on_delta=None
                )->dict:
     "The chain's answer to `question` (sources, passages, usage) with the `trace_id` of the turn."
     with mlflow.start_span(name, span_type=SpanType.CHAIN) as span:
@@ -84,7 +88,9 @@ def stream_turn(chain:RAGChain, # the chain to ask
                )->Iterator[dict]:
     "`answer_turn` as it is written: `{'delta': text}` pieces, then the whole result with the `trace_id` of the turn."
     events = queue.Queue()
-    def turn():  # on a thread of its own, so the turn's spans nest in one context whichever threads read the pieces (Gradio changes thread between them)
+    # on a thread of its own, so the turn's spans nest in one context whichever threads read the pieces (Gradio changes
+    # thread between them)
+    def turn():
         try: events.put(answer_turn(chain, question, tags, name, on_delta=events.put))
         except Exception as e: events.put(e)
     threading.Thread(target=turn, daemon=True, name=name).start()

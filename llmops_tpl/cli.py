@@ -64,7 +64,8 @@ def feedback():
     except Exception as e:  # a store that is down must not stop the pipeline: the last export stands
         for p, empty in ((path, ''), (activity_path, '{}')):
             if not p.exists(): p.parent.mkdir(parents=True, exist_ok=True); p.write_text(empty)
-        return click.echo(f"feedback store or tracking store unreachable, {path} and {activity_path} left as they were: {e}", err=True)
+        return click.echo(f"feedback store or tracking store unreachable, {path} and {activity_path} left as they "
+                          f"were: {e}", err=True)
     click.echo(f"feedback exported: {n} reviewed rows in {path}")
 
 @main.command()
@@ -116,7 +117,8 @@ def merge():
 def _registry()->tuple[str, dict]:
     "Point MLflow at the project's tracking store; returns the RAG model's registered name and the params."
     params = load_params()
-    use_experiment(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'), params['mlflow']['experiment'])
+    use_experiment(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'),
+                   params['mlflow']['experiment'])
     return params['mlflow']['rag_model_name'], params
 
 @main.command()
@@ -165,17 +167,20 @@ def serve(alias, host, port):
     torch.set_num_threads(s['threads'])
     try: champion = Champion(name, alias)
     except LookupError as e: raise click.ClickException(f"{e}; approve a version first (llmops-tpl approve)")
-    uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars']), host=host or s['host'], port=port or s['port'])
+    uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars']),
+                host=host or s['host'], port=port or s['port'])
 
 # %% ../nbs/13_cli.ipynb #cell-022
 @main.command()
 @click.option('--host', default=None, help='address to bind [default: gateway.host]')
 @click.option('--port', default=None, type=int, help='port [default: gateway.port]')
-@click.option('--selfhosted-url', default=None, help='where `llmops-tpl serve` answers [default: gateway.selfhosted_url]')
+@click.option('--selfhosted-url', default=None,
+              help='where `llmops-tpl serve` answers [default: gateway.selfhosted_url]')
 def gateway(host, port, selfhosted_url):
     "Start MLflow's AI gateway on the project's tracking database, apply `gateway.endpoints`, and serve until stopped."
     import signal
-    from llmops_tpl.gateway import apply_gateway, gateway_env, openai_base_url, plan_gateway, start_gateway, stop_gateway
+    from llmops_tpl.gateway import (apply_gateway, gateway_env, openai_base_url, plan_gateway, start_gateway,
+                                    stop_gateway)
     params = load_params()
     g = params['gateway']
     try: plans = plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'])
@@ -185,15 +190,18 @@ def gateway(host, port, selfhosted_url):
         click.echo(apply_gateway(uri, plans).to_string(index=False))
         return click.echo(f"applied to the gateway of {uri}; clients use base_url {openai_base_url(uri)}")
     if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
-        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase", err=True)
+        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase",
+                   err=True)
     host, port = host or g['host'], port or g['port']
     url = f"http://{host}:{port}"
-    try: proc = start_gateway(uri, project_path('mlartifacts'), host, port, gateway_env(plans, g['upstream_timeout_seconds']))
+    try: proc = start_gateway(uri, project_path('mlartifacts'), host, port,
+                              gateway_env(plans, g['upstream_timeout_seconds']))
     except RuntimeError as e: raise click.ClickException(str(e))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
     try:
         click.echo(apply_gateway(url, plans).to_string(index=False))
-        click.echo(f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model (Ctrl-C stops it)")
+        click.echo(f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model (Ctrl-C "
+                   "stops it)")
         proc.wait()
     finally: stop_gateway(proc)
 
@@ -203,14 +211,17 @@ def app_auth(text:str|None # `LLMOPS_APP_AUTH`: `user:password` pairs separated 
     "Gradio's `auth` list from `text`, or None for no login."
     if not text: return None
     pairs = [p.split(':', 1) for p in text.split(',') if p.strip()]
-    if any(len(p) != 2 or not p[0].strip() or not p[1] for p in pairs): raise ValueError('LLMOPS_APP_AUTH must be user:password pairs separated by commas')
+    if any(len(p) != 2 or not p[0].strip() or not p[1] for p in pairs):
+        raise ValueError('LLMOPS_APP_AUTH must be user:password pairs separated by commas')
     return [(u.strip(), pw) for u, pw in pairs]
 
 @main.command()
 @click.option('--host', default=None, help='address to bind [default: app.host]')
 @click.option('--port', default=None, type=int, help='port [default: app.port]')
-@click.option('--route', type=click.Choice(['selfhosted', 'api']), default=None, help='the chat route selected at first [default: rag.architecture]')
-@click.option('--forward-seconds', type=float, default=None, help='how often unsent feedback is sent to MLflow again [default: app.forward_seconds]')
+@click.option('--route', type=click.Choice(['selfhosted', 'api']), default=None,
+              help='the chat route selected at first [default: rag.architecture]')
+@click.option('--forward-seconds', type=float, default=None,
+              help='how often unsent feedback is sent to MLflow again [default: app.forward_seconds]')
 def app(host, port, route, forward_seconds):
     "Start the Gradio app: chat with @champion and rate the answers; compare @challenger, review feedback and approve."
     import torch
@@ -227,11 +238,16 @@ def app(host, port, route, forward_seconds):
     try: models = AppModels(name, api)
     except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
         try: models = AppModels(name, api, champion='challenger')
-        except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a version (llmops-tpl approve)")
-        click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a version is approved", err=True)
+        except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a "
+                                                            "version (llmops-tpl approve)")
+        click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a "
+                   "version is approved", err=True)
     models.champion.watch(s['poll_seconds'])
     store = open_store(database_url(params['app']['feedback_store'], 'LLMOPS_FEEDBACK_STORE'))
-    ui = build_app(models, store, s['max_prompt_chars'], route or params['rag']['architecture'], forward_in_background(store, forward_seconds or a['forward_seconds']))
+    ui = build_app(models, store, s['max_prompt_chars'], route or params['rag']['architecture'],
+                   forward_in_background(store, forward_seconds or a['forward_seconds']))
     import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` exits through atexit, where MLflow writes the traces still queued
-    ui.queue().launch(server_name=host or a['host'], server_port=port or a['port'], auth=auth, ssr_mode=False, footer_links=['api'])
+    # `kill` exits through atexit, where MLflow writes the traces still queued
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ui.queue().launch(server_name=host or a['host'], server_port=port or a['port'], auth=auth, ssr_mode=False,
+                      footer_links=['api'])

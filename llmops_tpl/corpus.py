@@ -51,7 +51,8 @@ def render_member(name:str, # the name the module exports it under
     if inspect.isclass(obj):
         for mname, meth in sorted(vars(obj).items()):
             if mname.startswith('_') or not callable(meth) or not getattr(meth, '__doc__', None): continue
-            parts.append(f"### {module}.{name}.{mname}\n\n```python\n{mname}{_signature(meth)}\n```\n\n{inspect.getdoc(meth)}\n")
+            parts.append(f"### {module}.{name}.{mname}\n\n```python\n{mname}{_signature(meth)}\n```\n\n"
+                         f"{inspect.getdoc(meth)}\n")
     return scrub('\n'.join(parts))
 
 # %% ../nbs/02_corpus.ipynb #cell-013

@@ -50,8 +50,8 @@ def qa_from_chunk(chunk:dict # a row of the chunk table
     if not answer: return None
     where = f"{chunk['source']}#{chunk['section']}"
     return {'question': _pick(API_QUESTIONS, where).format(n=m.group('name')),
-            'reference': f"{answer} [source: {chunk['source']}]", 'source': chunk['source'], 'section': chunk['section'],
-            'answer_start': chunk['start'] + m.start('doc'),
+            'reference': f"{answer} [source: {chunk['source']}]", 'source': chunk['source'],
+            'section': chunk['section'], 'answer_start': chunk['start'] + m.start('doc'),
             'origin': 'api_entry'}
 
 # %% ../nbs/08_dataset.ipynb #cell-010
@@ -134,7 +134,8 @@ def qa_from_section(chunk:dict # a row of the chunk table
     if not m and not (chunk['section'] == '' and chunk['start'] == 0): return None
     first = chunk['text'].split('\n', 1)[0]  # a few words with no full stop title a document without headings
     titled = not m and 0 < len(first.split()) <= 8 and not re.search(r'[.!?:,;]\s*$', first) and '\n' in chunk['text']
-    heading, at = (m.group(1).strip(), m.end()) if m else (first.strip(), len(first) + 1) if titled else (_topic(chunk), 0)
+    heading, at = ((m.group(1).strip(), m.end()) if m else (first.strip(), len(first) + 1) if titled
+                   else (_topic(chunk), 0))
     question = question_for(heading, _topic(chunk), f"{chunk['source']}#{heading}")
     span = opening_span(chunk['text'][at:])
     if not (question and span): return None
@@ -159,7 +160,8 @@ def _normal(text:str)->str: return ' '.join(re.sub(r'\[source: [^\]]*\]', '', te
 
 def gold_chunk_ids(qa:pd.DataFrame, # questions with `source`, and optionally `section`, `answer_start`
                    chunks:pd.DataFrame, # the current chunk table
-                   closest=None # `closest(reference, texts)`: the index of the text nearest the reference; None keeps them all
+                   # `closest(reference, texts)`: the index of the text nearest the reference; None keeps them all
+                   closest=None
                   )->list[list[str]]:
     "For each question, the ids of the chunks that hold its answer (none when its source is not in `chunks`)."
     by_source, out = dict(list(chunks.groupby('source'))), []
@@ -184,7 +186,8 @@ def read_curated(path:Path|str # a JSON Lines file of questions; a missing file 
     for n, line in enumerate(lines, 1):
         if not line.strip(): continue
         try: r = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{at}{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{at}{n}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(r, dict): raise ValueError(f"{at}{n}: expected an object with question and reference")
         for field in ('question', 'reference', 'source', 'section'):
             required, value = field in ('question', 'reference'), r.get(field)
@@ -197,8 +200,9 @@ def read_curated(path:Path|str # a JSON Lines file of questions; a missing file 
     return pd.DataFrame(rows, columns=QA_COLUMNS + ['line'])
 
 # %% ../nbs/08_dataset.ipynb #cell-024
-GENERATION_PROMPT = ("You write evaluation data for a documentation assistant. Read the passage and write one question a user of "
-                     "the software might ask that the passage answers, and the answer in one or two sentences from the passage. "
+GENERATION_PROMPT = ("You write evaluation data for a documentation assistant. Read the passage and write one question "
+                     "a user of the software might ask that the passage answers, and the answer in one or two "
+                     "sentences from the passage. "
                      'Reply with a JSON object only: {"question": "...", "answer": "..."}')
 
 def generation_messages(passage:dict # a chunk with `source` and `text`
@@ -226,14 +230,16 @@ def generate_qa(chunks:pd.DataFrame, # the chunk table
     opening = chunks[chunks.text.str.match(r'#{1,6} ') & (chunks.n_tokens >= 40)]
     rows, cache_dir = [], Path(cache_dir)
     for c in _in_stable_order(opening, 'chunk_id', seed).head(n).to_dict('records'):
-        key = hashlib.sha256(json.dumps([GENERATION_PROMPT, identity, c['text']], default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([GENERATION_PROMPT, identity, c['text']],
+                                        default=str).encode()).hexdigest()[:16]
         path = cache_dir/f"{key}.json"
         if not path.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({'source': c['source'], 'reply': complete(generation_messages(c))}))
         qa = parse_generated(json.loads(path.read_text())['reply'])
-        if qa: rows.append({'question': qa['question'], 'reference': f"{qa['answer']} [source: {c['source']}]", 'source': c['source'],
-                            'section': c['section'], 'answer_start': (c['start'] + c['end']) // 2, 'origin': 'generated'})
+        if qa: rows.append({'question': qa['question'], 'reference': f"{qa['answer']} [source: {c['source']}]",
+                            'source': c['source'], 'section': c['section'],
+                            'answer_start': (c['start'] + c['end']) // 2, 'origin': 'generated'})
     return pd.DataFrame(rows, columns=QA_COLUMNS)
 
 # %% ../nbs/08_dataset.ipynb #cell-027
@@ -247,9 +253,9 @@ def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
     counts = ', '.join(f"{n} {o}" for o, n in qa.origin.value_counts().items()) or 'none'
     if len(docs) < min_documents:
         raise ValueError(f"the corpus gives {len(qa)} questions ({counts}) from {len(docs)} documents, and the dataset "
-                         f"stage needs questions from at least {min_documents} (dataset.min_documents) to split them by "
-                         "document into training and evaluation: add documents to paths.raw (each section with a heading "
-                         "and an opening sentence gives a question), or questions to paths.questions")
+                         f"stage needs questions from at least {min_documents} (dataset.min_documents) to split them "
+                         "by document into training and evaluation: add documents to paths.raw (each section with a "
+                         "heading and an opening sentence gives a question), or questions to paths.questions")
     curated = qa.origin == 'curated'
     held, per_doc, target = set(qa.source[curated].dropna()), qa.source.value_counts(), eval_share * len(qa)
     for s in docs:

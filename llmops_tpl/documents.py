@@ -125,7 +125,8 @@ def chunk_document(text:str, # the document's text
                    strategy:str='sections' # `sections` or `window`
                   )->list[dict]:
     "Chunks of one document: id, content hash, source, title, section, character offsets, token count and text."
-    if strategy not in ('sections', 'window'): raise ValueError(f"prepare.strategy must be 'sections' or 'window', got {strategy!r}")
+    if strategy not in ('sections', 'window'):
+        raise ValueError(f"prepare.strategy must be 'sections' or 'window', got {strategy!r}")
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)['offset_mapping']
     starts = [a for a, _ in offsets]
     sections = split_sections(text) if strategy == 'sections' else [('', 0, len(text))]
@@ -135,8 +136,8 @@ def chunk_document(text:str, # the document's text
         toks = offsets[bisect.bisect_left(starts, s):bisect.bisect_left(starts, e)]
         for a, b in token_windows(toks, chunk_tokens, overlap_tokens):
             rows.append(dict(chunk_id=chunk_id(source, text[a:b]), content_hash=content_hash(text[a:b]), source=source,
-                             title=title, section=heading, start=a, end=b, n_tokens=len([t for t in toks if a <= t[0] < b]),
-                             text=text[a:b]))
+                             title=title, section=heading, start=a, end=b,
+                             n_tokens=len([t for t in toks if a <= t[0] < b]), text=text[a:b]))
     return rows
 
 # %% ../nbs/03_documents.ipynb #cell-021
@@ -149,7 +150,8 @@ def prepare_corpus(raw_dir:Path|str, # the corpus folder
                   )->tuple[pd.DataFrame, pd.DataFrame]:
     "Chunks of every readable file under `raw_dir`, and a per-file table of problems and chunk counts."
     raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir(): raise FileNotFoundError(f"corpus folder {raw_dir} does not exist (paths.raw in params.yaml)")
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"corpus folder {raw_dir} does not exist (paths.raw in params.yaml)")
     chunks, files, seen = [], [], set()
     for path in tqdm(sorted(p for p in raw_dir.rglob('*') if p.is_file()), desc='chunking', unit='file'):
         source = path.relative_to(raw_dir).as_posix()
@@ -168,5 +170,6 @@ def file_problem_counts(files:pd.DataFrame # the per-file table of `prepare_corp
     "How many files met each kind of problem, every kind listed (zero included), plus files read and chunks made."
     seen = Counter(p for ps in files['problems'] for p in ps.split(',') if p)
     kinds = SKIPPING + ('undecodable', 'truncated')
-    return {'files': len(files), 'files_chunked': int((files['chunks'] > 0).sum()), 'chunks': int(files['chunks'].sum()),
+    return {'files': len(files), 'files_chunked': int((files['chunks'] > 0).sum()),
+            'chunks': int(files['chunks'].sum()),
             'duplicate_chunks': int(files['duplicate_chunks'].sum()), **{f"files_{k}": seen[k] for k in kinds}}

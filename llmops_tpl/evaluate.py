@@ -37,8 +37,10 @@ from .rag import RAGChain, cited_sources, load_generator, token_f1
 class LocalEmbeddings(BaseRagasEmbedding):
     "ragas embeddings from an already loaded sentence-transformers model (the retriever's), normalised."
     def __init__(self, model): super().__init__(); self.model = model
-    def embed_text(self, text:str, **kw)->list[float]: return self.model.encode(text, normalize_embeddings=True).tolist()
-    def embed_texts(self, texts:list[str], **kw)->list[list[float]]: return self.model.encode(texts, normalize_embeddings=True).tolist()
+    def embed_text(self, text:str, **kw)->list[float]:
+        return self.model.encode(text, normalize_embeddings=True).tolist()
+    def embed_texts(self, texts:list[str], **kw)->list[list[float]]:
+        return self.model.encode(texts, normalize_embeddings=True).tolist()
     async def aembed_text(self, text:str, **kw)->list[float]: return self.embed_text(text)
     async def aembed_texts(self, texts:list[str], **kw)->list[list[float]]: return self.embed_texts(texts)
 
@@ -55,16 +57,20 @@ def reciprocal_rank(retrieved:list[str], # chunk ids, best first
 
 # %% ../nbs/14_evaluate.ipynb #cell-009
 async def _ragas_scores(samples:list[SingleTurnSample], embeddings)->list[dict]:
-    recall, precision, similarity = IDBasedContextRecall(), IDBasedContextPrecision(), SemanticSimilarity(embeddings=embeddings)
-    return [{'context_recall': await recall.single_turn_ascore(s), 'context_precision': await precision.single_turn_ascore(s),
-             'similarity': (await similarity.ascore(reference=s.reference, response=s.response or ' ')).value} for s in samples]
+    recall, precision, similarity = (IDBasedContextRecall(), IDBasedContextPrecision(),
+                                     SemanticSimilarity(embeddings=embeddings))
+    return [{'context_recall': await recall.single_turn_ascore(s),
+             'context_precision': await precision.single_turn_ascore(s),
+             'similarity': (await similarity.ascore(reference=s.reference, response=s.response or ' ')).value}
+             for s in samples]
 
 def score_rows(rows:pd.DataFrame, # one row per answered question: question, reference, answer, gold and retrieved chunk ids
                embeddings # `LocalEmbeddings`
               )->pd.DataFrame:
     "`rows` with ragas' context recall, context precision and semantic similarity, and hit@k, reciprocal rank and token F1."
-    samples = [SingleTurnSample(user_input=r.question, response=r.answer, reference=r.reference, retrieved_contexts=list(r.contexts),
-                                retrieved_context_ids=list(r.retrieved_ids), reference_context_ids=list(r.gold_chunk_ids))
+    samples = [SingleTurnSample(user_input=r.question, response=r.answer, reference=r.reference,
+                                retrieved_contexts=list(r.contexts), retrieved_context_ids=list(r.retrieved_ids),
+                                reference_context_ids=list(r.gold_chunk_ids))
                for r in rows.itertuples()]
     scores = pd.DataFrame(run_async(_ragas_scores(samples, embeddings)), index=rows.index)
     out = pd.concat([rows, scores], axis=1)
@@ -82,13 +88,15 @@ def answer_all(eval_rows:list[dict], # questions with `question`, `reference`, `
     rows = []
     for q in tqdm(eval_rows, desc=desc, unit='question'):
         res = chain.answer(q['question'])
-        rows.append({'question': q['question'], 'reference': q['reference'], 'gold_chunk_ids': list(q['gold_chunk_ids']),
+        rows.append({'question': q['question'], 'reference': q['reference'],
+                     'gold_chunk_ids': list(q['gold_chunk_ids']),
                      'answer': res['answer'], 'retrieved_ids': [p['chunk_id'] for p in res['passages']],
-                     'contexts': [p['text'] for p in res['passages']], 'cites_source': res['cited'], 'seconds': res['generation_seconds']})
+                     'contexts': [p['text'] for p in res['passages']], 'cites_source': res['cited'],
+                     'seconds': res['generation_seconds']})
     return pd.DataFrame(rows)
 
-METRICS = ['hit_at_k', 'reciprocal_rank', 'context_recall', 'context_precision', 'similarity', 'token_f1', 'cites_source',
-           'cites_answer_source']
+METRICS = ['hit_at_k', 'reciprocal_rank', 'context_recall', 'context_precision', 'similarity', 'token_f1',
+           'cites_source', 'cites_answer_source']
 JUDGED = ['faithfulness', 'answer_relevancy']  # when a judge LLM is configured
 
 def summarize(scored:pd.DataFrame # from `score_rows`
@@ -104,7 +112,8 @@ def cites_answer_source(answers:list[str], # the generated answers
                        )->list[float]:
     "1.0 where an answer cites the document its question's answer is in, 0.0 where not, NaN where that is unknown."
     known = lambda s: isinstance(s, str) and bool(s)
-    return [float(bool(cited_sources(a, [{'source': s}]))) if known(s) else float('nan') for a, s in zip(answers, sources)]
+    return [float(bool(cited_sources(a, [{'source': s}]))) if known(s) else float('nan')
+            for a, s in zip(answers, sources)]
 
 # %% ../nbs/14_evaluate.ipynb #cell-018
 def judge_llm(base_url:str, # an OpenAI-compatible API root, e.g. the gateway's `http://127.0.0.1:5050/gateway/mlflow/v1`
@@ -130,7 +139,8 @@ def judge_rows(rows:pd.DataFrame, # answered questions (`answer_all`): question,
     "`rows` with ragas' `faithfulness` and `answer_relevancy` from the judge; missing verdicts are NaN, with `judge_error` saying why."
     faithfulness, relevancy = Faithfulness(llm=llm), AnswerRelevancy(llm=llm, embeddings=embeddings, strictness=1)
     async def judge(r):
-        (f, f_err), (a, a_err) = (await _verdict(faithfulness, user_input=r.question, response=r.answer or ' ', retrieved_contexts=list(r.contexts)),
+        (f, f_err), (a, a_err) = (await _verdict(faithfulness, user_input=r.question, response=r.answer or ' ',
+                                                 retrieved_contexts=list(r.contexts)),
                                   await _verdict(relevancy, user_input=r.question, response=r.answer or ' '))
         return {'faithfulness': f, 'answer_relevancy': a, 'judge_error': '; '.join(filter(None, [f_err, a_err]))}
     verdicts = [run_async(judge(r)) for r in tqdm(list(rows.itertuples()), desc='judging', unit='question')]
@@ -141,8 +151,8 @@ _PACKAGES = ('torch', 'transformers', 'peft', 'sentence-transformers', 'hnswlib'
 
 def answering_code()->str:
     "A hash of the code that retrieves, prompts, generates and scores, and of the packages it calls."
-    return code_sha256(llmops_tpl.index, llmops_tpl.rag, llmops_tpl.dataset.rag_messages, load_generator, answer_all, score_rows,
-                       reciprocal_rank, _ragas_scores, LocalEmbeddings, packages=_PACKAGES)
+    return code_sha256(llmops_tpl.index, llmops_tpl.rag, llmops_tpl.dataset.rag_messages, load_generator, answer_all,
+                       score_rows, reciprocal_rank, _ragas_scores, LocalEmbeddings, packages=_PACKAGES)
 
 def variant_key(identity:dict, # what the variant is: generator, weights hashes, settings
                 rows:list[dict], # the questions (and, for the judge, the answers)
@@ -162,10 +172,12 @@ def evaluate_variant(name:str, # the variant's name (`base`, `finetuned`, `api`)
     def answer_and_score():
         chain = make_chain()
         return score_rows(answer_all(eval_rows, chain, f"answering ({name})"), LocalEmbeddings(chain.retriever.model))
-    return _cached(Path(cache_dir)/f"{name}-{variant_key(identity, eval_rows, answering_code())}.parquet", answer_and_score)
+    return _cached(Path(cache_dir)/f"{name}-{variant_key(identity, eval_rows, answering_code())}.parquet",
+                   answer_and_score)
 
 def judge_variant(name:str, # the variant's name
-                  identity:dict, # what the variant and the judge are (the judge's endpoint, what answers behind it, `max_tokens`)
+                  # what the variant and the judge are (the judge's endpoint, what answers behind it, `max_tokens`)
+                  identity:dict,
                   scored:pd.DataFrame, # its scored answers, from `evaluate_variant`
                   make_llm, # () -> the judge LLM (`judge_llm`); called only when the verdicts are not cached
                   embeddings, # `LocalEmbeddings`
@@ -175,7 +187,8 @@ def judge_variant(name:str, # the variant's name
     rows = scored[['question', 'answer']].to_dict('records')
     reachable = lambda judged: not judged.judge_error.str.contains('Connection|Timeout').any()
     key = variant_key(identity, rows, code_sha256(judge_llm, _verdict, judge_rows, packages=_PACKAGES))
-    return _cached(Path(cache_dir)/f"{name}-judged-{key}.parquet", lambda: judge_rows(scored, make_llm(), embeddings), reachable)
+    return _cached(Path(cache_dir)/f"{name}-judged-{key}.parquet", lambda: judge_rows(scored, make_llm(), embeddings),
+                   reachable)
 
 def _cached(path:Path, compute, keep=lambda out: True)->tuple[pd.DataFrame, bool]:
     if path.exists(): return pd.read_parquet(path), True
@@ -193,11 +206,13 @@ def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
         )->dict:
     "The gate's checks on `candidate`, each with its value, threshold and verdict, and whether all passed."
     got = summaries[candidate]
-    checks = [{'check': f"{m} >= {t}", 'metric': m, 'value': got[m], 'threshold': t, 'passed': got[m] >= t} for m, t in min_metrics.items()]
+    checks = [{'check': f"{m} >= {t}", 'metric': m, 'value': got[m], 'threshold': t, 'passed': got[m] >= t}
+              for m, t in min_metrics.items()]
     if candidate != 'base' and 'base' in summaries:
         for m, t in (min_margin_over_base or {}).items():
             margin = round(got[m] - summaries['base'][m], 4)
-            checks.append({'check': f"{m} - base {m} >= {t}", 'metric': f"{m}_margin_over_base", 'value': margin, 'threshold': t, 'passed': margin >= t})
+            checks.append({'check': f"{m} - base {m} >= {t}", 'metric': f"{m}_margin_over_base", 'value': margin,
+                           'threshold': t, 'passed': margin >= t})
     return {'candidate': candidate, 'passed': all(c['passed'] for c in checks), 'checks': checks}
 
 class GateFailed(Exception):
@@ -206,4 +221,5 @@ class GateFailed(Exception):
 def gate_message(result:dict # from `gate`
                 )->str:
     "One line per failed check: the metric, its value and the threshold."
-    return '; '.join(f"{c['metric']} = {c['value']} is below the threshold {c['threshold']}" for c in result['checks'] if not c['passed'])
+    return '; '.join(f"{c['metric']} = {c['value']} is below the threshold {c['threshold']}"
+                     for c in result['checks'] if not c['passed'])

@@ -23,16 +23,18 @@ _text = lambda name, **kw: sa.Column(name, sa.Text, **kw)
 _time = lambda name, **kw: sa.Column(name, sa.String(32), **kw)  # ISO 8601 in UTC: sorts as text in every database
 
 FEEDBACK = sa.Table('feedback', _meta,
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True), _time('created_at', nullable=False), _text('trace_id'),
-    _text('model'), _text('model_version'), _text('route'), _text('user'), _text('question', nullable=False), _text('answer'),
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True), _time('created_at', nullable=False),
+    _text('trace_id'), _text('model'), _text('model_version'), _text('route'), _text('user'),
+    _text('question', nullable=False), _text('answer'),
     _text('sources'), sa.Column('rating', sa.String(4), nullable=False), _text('reason'), _text('correction'),
     sa.Column('review', sa.String(8)), _text('reviewer'), _time('reviewed_at'), _text('review_note'),
     _time('forwarded_at'), _text('forward_error'))
 
 VOTES = sa.Table('votes', _meta,
-    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True), _time('created_at', nullable=False), _text('question', nullable=False),
-    _text('champion_version'), _text('champion_answer'), _text('champion_trace_id'), _text('challenger_version'), _text('challenger_answer'),
-    _text('challenger_trace_id'), sa.Column('preferred', sa.String(10), nullable=False), _text('reviewer'), _text('note'))
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True), _time('created_at', nullable=False),
+    _text('question', nullable=False), _text('champion_version'), _text('champion_answer'), _text('champion_trace_id'),
+    _text('challenger_version'), _text('challenger_answer'), _text('challenger_trace_id'),
+    sa.Column('preferred', sa.String(10), nullable=False), _text('reviewer'), _text('note'))
 
 RATINGS, VERDICTS, PREFERENCES = ('up', 'down'), ('accepted', 'rejected'), ('champion', 'challenger', 'tie')
 
@@ -66,8 +68,9 @@ def add_feedback(engine:sa.Engine, # the store
     "Append one rating of an answer; returns its id."
     if rating not in RATINGS: raise ValueError(f"rating must be one of {RATINGS}, not {rating!r}")
     if not str(question or '').strip(): raise ValueError('feedback needs the question it is about')
-    row = dict(created_at=now(), trace_id=trace_id, model=model, model_version=None if model_version is None else str(model_version),
-               route=route, user=user, question=question, answer=answer, sources=json.dumps(list(sources)), rating=rating,
+    row = dict(created_at=now(), trace_id=trace_id, model=model,
+               model_version=None if model_version is None else str(model_version), route=route, user=user,
+               question=question, answer=answer, sources=json.dumps(list(sources)), rating=rating,
                reason=reason or None, correction=correction or None)
     with engine.begin() as conn: return conn.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
 
@@ -79,7 +82,8 @@ def add_vote(engine:sa.Engine, # the store
     "Append a reviewer's comparison of the two versions' answers; returns its id."
     if preferred not in PREFERENCES: raise ValueError(f"preferred must be one of {PREFERENCES}, not {preferred!r}")
     row = dict(created_at=now(), question=question, preferred=preferred, reviewer=reviewer, note=note or None,
-               **{f"{side}_{k}": None if d.get(k) is None else str(d[k]) for side, d in (('champion', champion), ('challenger', challenger))
+               **{f"{side}_{k}": None if d.get(k) is None else str(d[k])
+                  for side, d in (('champion', champion), ('challenger', challenger))
                   for k in ('version', 'answer', 'trace_id')})
     with engine.begin() as conn: return conn.execute(VOTES.insert().values(**row)).inserted_primary_key[0]
 
@@ -105,16 +109,18 @@ def review(engine:sa.Engine, # the store
     if verdict not in VERDICTS: raise ValueError(f"verdict must be one of {VERDICTS}, not {verdict!r}")
     if not str(reviewer or '').strip(): raise ValueError('a review needs the reviewer\'s name')
     with engine.begin() as conn:
-        row = conn.execute(sa.select(FEEDBACK.c.review, FEEDBACK.c.reviewer).where(FEEDBACK.c.id == feedback_id)).first()
+        row = conn.execute(sa.select(FEEDBACK.c.review,
+                                     FEEDBACK.c.reviewer).where(FEEDBACK.c.id == feedback_id)).first()
         if row is None: raise LookupError(f"no feedback with id {feedback_id}")
         if row.review: raise ValueError(f"feedback {feedback_id} was already {row.review} by {row.reviewer}")
-        conn.execute(FEEDBACK.update().where(FEEDBACK.c.id == feedback_id).values(review=verdict, reviewer=reviewer, reviewed_at=now(),
+        conn.execute(FEEDBACK.update().where(FEEDBACK.c.id == feedback_id).values(review=verdict, reviewer=reviewer,
+                                                                                  reviewed_at=now(),
                                                                                     review_note=note or None))
 
 # %% ../nbs/16_feedback.ipynb #cell-016
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_KEY = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"
-                  r"|\bAIza[0-9A-Za-z_-]{35}")
+_KEY = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}"
+                  r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}")
 _ASSIGNED = re.compile(r"(?i)\b([\w-]*(?:api[_-]?key|token|secret|password|passwd)\s*[:=]\s*)[^\s\[]\S*")
 _PHONE = re.compile(r"(?<![\w.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,5}(?:[\s.-]\d{2,5}){1,4}(?![\w-])")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -137,20 +143,25 @@ def forward_feedback(engine:sa.Engine, # the store
     import mlflow
     from mlflow.entities import AssessmentSource
     pending = read_table(engine, where=FEEDBACK.c.forwarded_at.is_(None) & FEEDBACK.c.trace_id.is_not(None))
-    pending = pending.sort_values('forward_error', key=lambda e: e.notna(), kind='stable').head(limit)  # untried rows first: failing ones cannot hold them up
+    # untried rows first: failing ones cannot hold them up
+    pending = pending.sort_values('forward_error', key=lambda e: e.notna(), kind='stable').head(limit)
     if len(pending): mlflow.flush_trace_async_logging()
     counts = {'sent': 0, 'failed': 0}
     for r in pending.itertuples():
         source = AssessmentSource(source_type='HUMAN', source_id=r.user or 'anonymous')
         meta = {'feedback_id': str(r.id), 'model_version': r.model_version or '', 'route': r.route or ''}
         try:
-            on_trace = {a.name for a in mlflow.MlflowClient().get_trace(r.trace_id).info.assessments if (a.metadata or {}).get('feedback_id') == str(r.id)}
+            on_trace = {a.name for a in mlflow.MlflowClient().get_trace(r.trace_id).info.assessments
+                        if (a.metadata or {}).get('feedback_id') == str(r.id)}
             if 'user_rating' not in on_trace:  # sent before, its acknowledgement lost: not sent twice
-                mlflow.log_feedback(trace_id=r.trace_id, name='user_rating', value=r.rating == 'up', rationale=r.reason, source=source, metadata=meta)
+                mlflow.log_feedback(trace_id=r.trace_id, name='user_rating', value=r.rating == 'up', rationale=r.reason,
+                                    source=source, metadata=meta)
             if r.correction and 'expected_response' not in on_trace:
-                mlflow.log_expectation(trace_id=r.trace_id, name='expected_response', value=r.correction, source=source, metadata=meta)
+                mlflow.log_expectation(trace_id=r.trace_id, name='expected_response', value=r.correction, source=source,
+                                       metadata=meta)
             values, counts['sent'] = {'forwarded_at': now(), 'forward_error': None}, counts['sent'] + 1
-        except Exception as e: values, counts['failed'] = {'forward_error': f"{type(e).__name__}: {e}"[:2000]}, counts['failed'] + 1
+        except Exception as e:
+            values, counts['failed'] = {'forward_error': f"{type(e).__name__}: {e}"[:2000]}, counts['failed'] + 1
         with engine.begin() as conn: conn.execute(FEEDBACK.update().where(FEEDBACK.c.id == r.id).values(**values))
     return counts
 
@@ -172,8 +183,10 @@ def forward_in_background(engine:sa.Engine, # the store
 def reviewed_feedback(engine:sa.Engine # the store
                      )->pd.DataFrame:
     "Accepted feedback with a correction or a thumbs down: question and correction scrubbed of personal data, with provenance."
-    rows = read_table(engine, where=(FEEDBACK.c.review == 'accepted') & (FEEDBACK.c.correction.is_not(None) | (FEEDBACK.c.rating == 'down')))
-    out = rows[['id', 'trace_id', 'model_version', 'reviewer', 'reviewed_at', 'rating']].rename(columns={'id': 'feedback_id'})
+    rows = read_table(engine, where=(FEEDBACK.c.review == 'accepted') & (FEEDBACK.c.correction.is_not(None)
+                                                                         | (FEEDBACK.c.rating == 'down')))
+    out = rows[['id', 'trace_id', 'model_version', 'reviewer',
+                'reviewed_at', 'rating']].rename(columns={'id': 'feedback_id'})
     return out.assign(question=rows.question.map(scrub), correction=rows.correction.map(scrub))
 
 def export_reviewed(engine:sa.Engine, # the store
@@ -182,5 +195,6 @@ def export_reviewed(engine:sa.Engine, # the store
     "Write `reviewed_feedback` to `path`; returns the number of rows."
     rows = reviewed_feedback(engine)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows.astype(object).where(rows.notna(), None).to_dict('records')))
+    Path(path).write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n'
+                                  for r in rows.astype(object).where(rows.notna(), None).to_dict('records')))
     return len(rows)

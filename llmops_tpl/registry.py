@@ -21,7 +21,8 @@ def propose(name:str, # the registered model
     "Record the gate's verdict on `version`; make it `@challenger` when the gate passed. Returns whether it did."
     c, passed = mlflow.MlflowClient(), bool(gate and gate.get('passed'))
     c.set_model_version_tag(name, str(version), 'gate_passed', str(passed).lower())
-    c.set_model_version_tag(name, str(version), 'gate', json.dumps(gate if gate else {'passed': False, 'reason': 'no evaluation result'}))
+    c.set_model_version_tag(name, str(version), 'gate',
+                            json.dumps(gate if gate else {'passed': False, 'reason': 'no evaluation result'}))
     if passed: c.set_registered_model_alias(name, 'challenger', str(version))
     return passed
 
@@ -46,10 +47,11 @@ def approve(name:str, # the registered model
     if not reviewer.strip() or not note.strip(): raise ValueError('an approval needs a reviewer and a note')
     mv = _version(name, version)
     if mv.tags.get('gate_passed') != 'true' and not override:
-        raise PermissionError(f"version {version} of {name} did not pass its evaluation gate ({mv.tags.get('gate', 'no result')}): "
+        raise PermissionError(f"version {version} of {name} did not pass its evaluation gate "
+                              f"({mv.tags.get('gate', 'no result')}): "
                               "approve it with an override reason to deploy it anyway")
-    tags = {'approved_by': reviewer, 'approved_at': now(), 'approval_note': note, 'approval_evaluation': mv.tags.get('gate', ''),
-            'approval_replaces': str(champion(name) or '')}
+    tags = {'approved_by': reviewer, 'approved_at': now(), 'approval_note': note,
+            'approval_evaluation': mv.tags.get('gate', ''), 'approval_replaces': str(champion(name) or '')}
     if override: tags['approval_override'] = override
     c = mlflow.MlflowClient()
     for k, v in tags.items(): c.set_model_version_tag(name, mv.version, k, v)
@@ -70,13 +72,16 @@ def rollback(name:str, # the registered model
     earlier = approved[approved.approved_at < cur_at].sort_values('approved_at')
     if earlier.empty: raise LookupError(f"{name} has no version approved before version {current} to roll back to")
     target, c = int(earlier.version.iloc[-1]), mlflow.MlflowClient()
-    for k, v in {'rolled_back_at': now(), 'rolled_back_by': reviewer, 'rollback_note': note}.items(): c.set_model_version_tag(name, str(current), k, v)
+    for k, v in {'rolled_back_at': now(), 'rolled_back_by': reviewer, 'rollback_note': note}.items():
+        c.set_model_version_tag(name, str(current), k, v)
     c.set_registered_model_alias(name, 'champion', str(target))
     return target
 
 def history(name:str # the registered model
            )->pd.DataFrame:
     "One row per version: its gate verdict and every decision recorded on it, oldest version first."
-    keys = ['gate_passed', 'approved_by', 'approved_at', 'approval_note', 'approval_override', 'rolled_back_at', 'rolled_back_by', 'rollback_note']
-    rows = [{'version': int(v.version), **{k: v.tags.get(k, '') for k in keys}} for v in mlflow.MlflowClient().search_model_versions(f"name='{name}'")]
+    keys = ['gate_passed', 'approved_by', 'approved_at', 'approval_note', 'approval_override', 'rolled_back_at',
+            'rolled_back_by', 'rollback_note']
+    rows = [{'version': int(v.version), **{k: v.tags.get(k, '') for k in keys}}
+            for v in mlflow.MlflowClient().search_model_versions(f"name='{name}'")]
     return pd.DataFrame(rows, columns=['version', *keys]).sort_values('version', ignore_index=True)
