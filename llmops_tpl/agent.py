@@ -26,7 +26,7 @@ from .rag import LocalGenerator, OpenAIGenerator, RAGChain
 
 # %% ../nbs/10_agent.ipynb #cell-005
 def _base_folder(artifacts:dict, cfg:dict)->Path:
-    "The base model's folder: packed with the model, or fetched through the hub and checked against the recorded weights hash."
+    "The base model's folder: packed with the model, or fetched through the hub and hash-checked."
     if 'base_model' in artifacts: return Path(artifacts['base_model'])
     hub = Path(cfg['hub_dir']) if Path(cfg['hub_dir']).is_dir() else Path.home()/'.cache'/'llmops-tpl'/'hub'
     folder, prov = fetch_base_model(cfg['base_model']['name'], hub, gguf=artifacts.get('base_gguf'))
@@ -64,7 +64,7 @@ def _custom_outputs(res:dict)->dict:
             for k in ('sources', 'cited', 'passages', 'usage', 'retrieval_seconds', 'generation_seconds', 'generator')}
 
 class RAGAgent(ResponsesAgent):
-    "The RAG chain as an MLflow `ResponsesAgent`: the answer as output text; sources, passages and usage in `custom_outputs`."
+    "The RAG chain as an MLflow `ResponsesAgent`; sources, passages and usage in `custom_outputs`."
     def load_context(self, context): self.chain = build_chain(context.artifacts, context.model_config)
 
     def predict(self, request:ResponsesAgentRequest)->ResponsesAgentResponse:
@@ -126,7 +126,7 @@ def rag_model_sha256(index_dir:Path|str, # the index folder
                      adapter_dir:Path|str|None=None, # the LoRA adapter, if any
                      base_dir:Path|str|None=None # the base model's folder when it is packed
                     )->str:
-    "A hash of what a logged RAG model holds: index, config, adapter, packed base weights, and this package's code."
+    "A hash of what a logged RAG model holds: index, config, adapter, base weights and code."
     files = [*_files(index_dir), *(_files(adapter_dir) if adapter_dir else []),
              *_files(Path(llmops_tpl.__file__).parent, '*.py')]
     parts = [config, _AGENT_CODE, serving_requirements(), base_dir and weights_sha256(base_dir), files]
@@ -138,7 +138,7 @@ def register_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                        base_dir:Path|str|None, # the base model's folder, to pack; None fetches it again at load time
                        registered_name:str # the registered model
                       ):
-    "The version of `registered_name` holding this model (the one registered before, or one logged now), and whether it is new."
+    "The version of `registered_name` holding this model (earlier or new), and whether it is new."
     content, client = rag_model_sha256(index_dir, config, adapter_dir, base_dir), mlflow.MlflowClient()
     found = client.search_model_versions(f"name='{registered_name}' and tag.content_sha256='{content}'")
     if found: return min(found, key=lambda v: int(v.version)), False

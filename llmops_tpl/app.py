@@ -28,7 +28,7 @@ from .serve import Champion
 ROUTES = {'selfhosted': 'Self-hosted fine-tuned model', 'api': 'Third-party LLM through the AI gateway'}
 
 class AppModels:
-    "The registered versions the app talks to: `@champion` for chat, `@challenger` for review, and the API route's generator settings."
+    "`@champion` for chat, `@challenger` for review, and the API route's generator settings."
     def __init__(self, name:str, # the registered RAG model
                  # the `api` route's `OpenAIGenerator` settings: `base_url`, `model`, `timeout`, `max_retries`
                  api:dict|None=None,
@@ -86,7 +86,7 @@ def stream_turn(chain:RAGChain, # the chain to ask
                 tags:dict, # trace tags: model, version, route, user
                 name:str='chat_turn' # the root span's name
                )->Iterator[dict]:
-    "`answer_turn` as it is written: `{'delta': text}` pieces, then the whole result with the `trace_id` of the turn."
+    "`answer_turn` as it is written: `{'delta': text}` pieces, then the result with its `trace_id`."
     events = queue.Queue()
     # on a thread of its own, so the turn's spans nest in one context whichever threads read the pieces (Gradio changes
     # thread between them)
@@ -367,7 +367,7 @@ def build_app(models:AppModels, # the versions to talk to
               route:str='selfhosted', # the chat route selected at first
               forward:threading.Event|None=None # `forward_in_background`'s event: set after each feedback
              )->gr.Blocks:
-    "The Gradio app: a chat tab with feedback, and a review tab for comparison, approval and feedback review."
+    "The Gradio app: chat with feedback, and review (compare, approve, review feedback)."
     def on_load(request:gr.Request=None): return _on_load(store, request)
     with gr.Blocks(title='llmops-tpl') as app:
         gr.Markdown(_header(models))

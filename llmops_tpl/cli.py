@@ -23,7 +23,7 @@ def ensure_corpus(raw_dir:Path|str, # the corpus folder (`paths.raw`)
                   topics:bool=True, # include Python's pydoc topics (`corpus.pydoc_topics`)
                   root:Path|str|None=None # the project, for its DVC remote; found from the working directory when None
                  )->str:
-    "Make sure `raw_dir` holds documents; returns how: `present`, `pulled` (from the DVC remote) or `built` (the default corpus)."
+    "Make sure `raw_dir` holds documents; returns how: `present`, `pulled` or `built`."
     raw_dir = Path(raw_dir)
     if raw_dir.is_dir() and any(raw_dir.iterdir()): return 'present'
     from dvc.repo import Repo
@@ -41,7 +41,7 @@ def main():
 
 @main.command()
 def corpus():
-    "Build the default corpus into `paths.raw`, unless documents are already there (or pull them from the DVC remote)."
+    "Put the corpus in `paths.raw`: kept if there, else pulled from the DVC remote or built."
     params = load_params()
     raw = project_path(params['paths']['raw'])
     how = ensure_corpus(raw, params['corpus']['modules'], params['corpus']['pydoc_topics'])
@@ -49,7 +49,7 @@ def corpus():
 
 @main.command()
 def feedback():
-    "Export the accepted feedback (scrubbed, with provenance) from the app's store to `paths.feedback`, and the traffic's fingerprint to `paths.activity`."
+    "Export reviewed feedback to `paths.feedback` and the traffic fingerprint to `paths.activity`."
     import mlflow
     from llmops_tpl.config import write_json
     from llmops_tpl.feedback import export_reviewed, open_store
@@ -83,7 +83,7 @@ def repro(ctx, stages):
 @main.command()
 @click.pass_context
 def monitor(ctx):
-    "Read the traffic and feedback since the last run into the monitoring report (`dvc repro monitor`); for a schedule."
+    "Read new traffic and feedback into the monitoring report (`dvc repro monitor`)."
     ctx.invoke(repro, stages=('monitor',))
 
 # %% ../nbs/13_cli.ipynb #cell-010
@@ -115,7 +115,7 @@ def merge():
 
 # %% ../nbs/13_cli.ipynb #cell-016
 def _registry()->tuple[str, dict]:
-    "Point MLflow at the project's tracking store; returns the RAG model's registered name and the params."
+    "Point MLflow at the project's tracking store; returns the RAG model's name and the params."
     params = load_params()
     use_experiment(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'),
                    params['mlflow']['experiment'])
@@ -158,7 +158,7 @@ def history():
 @click.option('--host', default=None, help='address to bind [default: serve.host]')
 @click.option('--port', default=None, type=int, help='port [default: serve.port]')
 def serve(alias, host, port):
-    "Serve the RAG model's @champion over HTTP: /invocations, /v1/chat/completions, its LLM alone on /llm/v1/chat/completions, /health, /ready."
+    "Serve the RAG model's @champion over HTTP: the chain, its LLM under /llm, /health and /ready."
     import torch
     import uvicorn
     from llmops_tpl.serve import Champion, create_app
@@ -177,7 +177,7 @@ def serve(alias, host, port):
 @click.option('--selfhosted-url', default=None,
               help='where `llmops-tpl serve` answers [default: gateway.selfhosted_url]')
 def gateway(host, port, selfhosted_url):
-    "Start MLflow's AI gateway on the project's tracking database, apply `gateway.endpoints`, and serve until stopped."
+    "Start MLflow's AI gateway on the project's tracking database and apply `gateway.endpoints`."
     import signal
     from llmops_tpl.gateway import (apply_gateway, gateway_env, openai_base_url, plan_gateway, start_gateway,
                                     stop_gateway)
@@ -223,7 +223,7 @@ def app_auth(text:str|None # `LLMOPS_APP_AUTH`: `user:password` pairs separated 
 @click.option('--forward-seconds', type=float, default=None,
               help='how often unsent feedback is sent to MLflow again [default: app.forward_seconds]')
 def app(host, port, route, forward_seconds):
-    "Start the Gradio app: chat with @champion and rate the answers; compare @challenger, review feedback and approve."
+    "Start the Gradio app: chat with @champion, rate answers, review feedback, approve @challenger."
     import torch
     from llmops_tpl.app import AppModels, build_app
     from llmops_tpl.feedback import forward_in_background, open_store

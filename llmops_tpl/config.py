@@ -38,7 +38,7 @@ def load_params(root:Path|str|None=None # project root; found from the working d
 def project_path(rel:str|Path, # a path as written in `params.yaml`
                  root:Path|str|None=None # project root; found from the working directory when None
                 )->Path:
-    "`rel` made absolute against the project root, so the same parameter works from any working directory."
+    "`rel` made absolute against the project root, whatever the working directory."
     rel = Path(rel)
     return rel if rel.is_absolute() else (find_root() if root is None else Path(root))/rel
 
@@ -47,7 +47,7 @@ def database_url(url:str, # a database URL from params.yaml (`mlflow.tracking_ur
                  env:str|None=None, # an environment variable whose value, when set, is used instead of `url`
                  root:Path|str|None=None # project root; found from the working directory when None
                 )->str:
-    "The URL in `env` if set, else `url` with a relative SQLite path made absolute against the project root."
+    "The URL in `env` if set, else `url` with a relative SQLite path anchored at the project root."
     if env and os.environ.get(env): return os.environ[env]
     prefix = 'sqlite:///'
     if not url.startswith(prefix) or url.startswith(prefix + '/'): return url
@@ -69,7 +69,7 @@ def write_json(obj:dict, # JSON-serialisable data
 
 # %% ../nbs/00_config.ipynb #cell-018
 def _source(obj)->str:
-    "The source of a function or module; of a class, its name and methods' (a class a notebook defines has no source file)."
+    "The source of a function or module, or of a class its name and its methods' sources."
     if not inspect.isclass(obj): return inspect.getsource(obj)
     return obj.__qualname__ + ''.join(_source(v) for v in vars(obj).values() if inspect.isfunction(v))
 
@@ -86,7 +86,7 @@ def code_sha256(*code, # functions, classes or modules whose source computes a c
 def use_experiment(tracking_uri:str, # where MLflow records (`mlflow.tracking_uri` in params.yaml): `sqlite:///FILE` or a server's URL
                    experiment:str='llmops-tpl' # the MLflow experiment to make active; created when missing
                   ):
-    "Point MLflow at `tracking_uri` and activate `experiment`; with SQLite, a new experiment's artifacts go to `mlartifacts/` beside the database."
+    "Point MLflow at `tracking_uri` and make `experiment` the active one."
     import mlflow
     mlflow.set_tracking_uri(tracking_uri)
     prefix = 'sqlite:///'

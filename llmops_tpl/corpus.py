@@ -46,7 +46,7 @@ def render_member(name:str, # the name the module exports it under
                   obj, # a class or function
                   module:str # the module's dotted name
                  )->str:
-    "Markdown for one class or function: heading, signature, docstring, and the documented public methods of a class."
+    "Markdown for a class or function: heading, signature, docstring, a class's documented methods."
     parts = [f"## {module}.{name}\n\n```python\n{name}{_signature(obj)}\n```\n\n{inspect.getdoc(obj) or ''}\n"]
     if inspect.isclass(obj):
         for mname, meth in sorted(vars(obj).items()):
@@ -69,7 +69,7 @@ def _page_names(names:list[str])->list[str]:
 def render_module(name:str, # dotted module name, e.g. `mlflow.tracking`
                   seen:set|None=None # qualified names already documented elsewhere, skipped here and updated
                  )->dict[str, str]:
-    "Markdown pages of a module by page name: `index` (its docstring), then each public member it is the first to document."
+    "A module's markdown pages by name: `index`, then each public member it is first to document."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         module = importlib.import_module(name)
@@ -93,7 +93,7 @@ def write_corpus(out_dir:Path|str, # folder to write the markdown files into (cr
                  modules:list[str], # dotted module names to document
                  topics:bool=True # also write Python's pydoc topics
                 )->dict:
-    "Render `modules` (and Python's topics) into `out_dir`; returns counts and the modules that failed to import."
+    "Render `modules` and Python's topics into `out_dir`; returns counts and failed imports."
     out_dir, seen, failed, n = Path(out_dir), set(), {}, 0
     for name in tqdm(modules, desc='documenting modules'):
         try: pages = render_module(name, seen)

@@ -18,7 +18,7 @@ import pandas as pd
 
 # %% ../nbs/08_dataset.ipynb #cell-005
 def _order_key(value, seed:int=0)->str:
-    "A stable pseudo-random sort key for `value`: the same order on every run, another for another `seed`."
+    "A stable pseudo-random sort key for `value`, changing with `seed`."
     return hashlib.sha256(f"{seed}:{value}".encode()).hexdigest()
 
 def _in_stable_order(table:pd.DataFrame, column:str, seed:int=0)->pd.DataFrame:
@@ -44,7 +44,7 @@ def first_sentence(doc:str, # a docstring
 
 def qa_from_chunk(chunk:dict # a row of the chunk table
                  )->dict|None:
-    "A question about the API entry that opens `chunk`, its cited reference and where it is; None for other chunks."
+    "A question on the API entry that opens `chunk`, with its cited reference; None for other chunks."
     m = _ENTRY.match(chunk['text'])
     answer = m and first_sentence(m.group('doc'))
     if not answer: return None
@@ -81,7 +81,7 @@ def question_for(heading:str, # a section's heading
                  topic:str, # what its document is about
                  key:str # picks the phrasing
                 )->str|None:
-    "A question a user might ask that the section headed `heading` answers; None for headings that are no topic."
+    "The question a section headed `heading` answers; None for headings that are no topic."
     h = re.sub(r'\[([^\]]+)\]\([^)]*\)', r'\1', heading).strip().rstrip(':').strip()
     if not h or h.startswith('$') or re.match(r'^\W*v?\d+(\.\d+)+', h): return None  # a shell line, a version number
     if h.endswith('?'): return h
@@ -129,7 +129,7 @@ _OPENING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*\n')
 
 def qa_from_section(chunk:dict # a row of the chunk table
                    )->dict|None:
-    "A question about the section that `chunk` opens, answered by its opening sentences; None for other chunks."
+    "A question on the section `chunk` opens, answered by its first sentences; None otherwise."
     m = _OPENING.match(chunk['text'])
     if not m and not (chunk['section'] == '' and chunk['start'] == 0): return None
     first = chunk['text'].split('\n', 1)[0]  # a few words with no full stop title a document without headings
@@ -150,7 +150,7 @@ def derive_qa(chunks:pd.DataFrame, # the chunk table
               max_examples:int=600, # at most this many questions, taken in a stable pseudo-random order
               seed:int=0 # changes the order
              )->pd.DataFrame:
-    "Questions from the structure of `chunks` (API entries and sections), with cited references and where they are."
+    "Questions from the API entries and sections of `chunks`, with cited references."
     rows = [qa_from_chunk(c) or qa_from_section(c) for c in chunks.to_dict('records')]
     qa = pd.DataFrame([r for r in rows if r], columns=QA_COLUMNS)
     qa = qa.drop_duplicates('question', keep=False)
@@ -163,7 +163,7 @@ def gold_chunk_ids(qa:pd.DataFrame, # questions with `source`, and optionally `s
                    # `closest(reference, texts)`: the index of the text nearest the reference; None keeps them all
                    closest=None
                   )->list[list[str]]:
-    "For each question, the ids of the chunks that hold its answer (none when its source is not in `chunks`)."
+    "Ids of the chunks holding each question's answer; none when its source is not in `chunks`."
     by_source, out = dict(list(chunks.groupby('source'))), []
     for r in qa.to_dict('records'):
         c = by_source.get(r.get('source'), chunks.iloc[:0])
@@ -226,7 +226,7 @@ def generate_qa(chunks:pd.DataFrame, # the chunk table
                 n:int=40, # at most this many passages
                 seed:int=0 # changes which passages
                )->pd.DataFrame:
-    "Questions an LLM wrote about up to `n` section openings of `chunks`, each reply cached by passage, prompt and `identity`."
+    "Questions an LLM wrote about up to `n` section openings of `chunks`, each reply cached."
     opening = chunks[chunks.text.str.match(r'#{1,6} ') & (chunks.n_tokens >= 40)]
     rows, cache_dir = [], Path(cache_dir)
     for c in _in_stable_order(opening, 'chunk_id', seed).head(n).to_dict('records'):
@@ -248,7 +248,7 @@ def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
                       seed:int=0, # changes which documents
                       min_documents:int=4 # fewer documents with questions is an error
                      )->tuple[pd.DataFrame, pd.DataFrame]:
-    "Train and eval questions, split by source document; curated questions (and their documents) are evaluated first."
+    "Train and eval questions split by source document; curated questions go to eval first."
     docs = sorted(set(qa.source.dropna()), key=lambda s: _order_key(s, seed))
     counts = ', '.join(f"{n} {o}" for o, n in qa.origin.value_counts().items()) or 'none'
     if len(docs) < min_documents:
@@ -302,7 +302,7 @@ def sft_example(qa:dict, # a row of `derive_qa`
                 retrieved:list[dict], # the chunks retrieval returned for the question, best first
                 gold:dict # the gold chunk
                )->dict:
-    "A prompt-completion example: the RAG prompt over `retrieved` (with the gold chunk in it) and the cited reference answer."
+    "A prompt-completion example: the RAG prompt over `retrieved` and the cited reference answer."
     ids = [p['chunk_id'] for p in retrieved]
     passages = retrieved if gold['chunk_id'] in ids else retrieved[:-1] + [gold]
     return {'prompt': rag_messages(qa['question'], passages),

@@ -23,7 +23,7 @@ HTML_SUFFIXES = ('.html', '.htm')
 SKIPPING = ('unsupported', 'empty', 'binary', 'unreadable')  # problems that leave no text to chunk
 
 def _decode(raw:bytes, truncated:bool)->tuple[str, bool]:
-    "UTF-8 text of `raw` and whether bytes had to be replaced; a character cut by truncation is dropped, not replaced."
+    "UTF-8 text of `raw` and whether bytes had to be replaced."
     try: return codecs.getincrementaldecoder('utf-8')().decode(raw, final=not truncated), False
     except UnicodeDecodeError: return raw.decode('utf-8', errors='replace'), True
 
@@ -62,7 +62,7 @@ def setext_to_atx(text:str # reStructuredText or plain text
 def read_document(path:Path|str, # a file of the corpus
                   max_bytes:int=5_000_000 # read at most this many bytes
                  )->tuple[str, list[str]]:
-    "The text of `path`, its headings in markdown, and the problems met reading it (no text after those in `SKIPPING`)."
+    "The text of `path`, its headings in markdown, and the problems met reading it."
     path = Path(path)
     suffix, problems = path.suffix.lower(), []
     if suffix not in TEXT_SUFFIXES + HTML_SUFFIXES + ('.pdf',): return '', ['unsupported']
@@ -124,7 +124,7 @@ def chunk_document(text:str, # the document's text
                    overlap_tokens:int=32, # tokens shared by consecutive chunks
                    strategy:str='sections' # `sections` or `window`
                   )->list[dict]:
-    "Chunks of one document: id, content hash, source, title, section, character offsets, token count and text."
+    "Chunks of one document with id, hash, source, title, section, offsets, tokens and text."
     if strategy not in ('sections', 'window'):
         raise ValueError(f"prepare.strategy must be 'sections' or 'window', got {strategy!r}")
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)['offset_mapping']
@@ -167,7 +167,7 @@ def prepare_corpus(raw_dir:Path|str, # the corpus folder
 # %% ../nbs/03_documents.ipynb #cell-022
 def file_problem_counts(files:pd.DataFrame # the per-file table of `prepare_corpus`
                        )->dict[str, int]:
-    "How many files met each kind of problem, every kind listed (zero included), plus files read and chunks made."
+    "Files per kind of problem (every kind, zero included), plus files read and chunks made."
     seen = Counter(p for ps in files['problems'] for p in ps.split(',') if p)
     kinds = SKIPPING + ('undecodable', 'truncated')
     return {'files': len(files), 'files_chunked': int((files['chunks'] > 0).sum()),

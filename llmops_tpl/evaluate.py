@@ -67,7 +67,7 @@ async def _ragas_scores(samples:list[SingleTurnSample], embeddings)->list[dict]:
 def score_rows(rows:pd.DataFrame, # one row per answered question: question, reference, answer, gold and retrieved chunk ids
                embeddings # `LocalEmbeddings`
               )->pd.DataFrame:
-    "`rows` with ragas' context recall, context precision and semantic similarity, and hit@k, reciprocal rank and token F1."
+    "`rows` with ragas' context recall, precision and similarity, and hit@k, reciprocal rank, F1."
     samples = [SingleTurnSample(user_input=r.question, response=r.answer, reference=r.reference,
                                 retrieved_contexts=list(r.contexts), retrieved_context_ids=list(r.retrieved_ids),
                                 reference_context_ids=list(r.gold_chunk_ids))
@@ -84,7 +84,7 @@ def answer_all(eval_rows:list[dict], # questions with `question`, `reference`, `
                chain:RAGChain, # the variant
                desc:str='answering' # the progress bar's label
               )->pd.DataFrame:
-    "One row per question: the chain's answer, the passages it retrieved, whether it cited one, and the generation time."
+    "One row per question: answer, passages retrieved, whether it cited one, generation time."
     rows = []
     for q in tqdm(eval_rows, desc=desc, unit='question'):
         res = chain.answer(q['question'])
@@ -101,7 +101,7 @@ JUDGED = ['faithfulness', 'answer_relevancy']  # when a judge LLM is configured
 
 def summarize(scored:pd.DataFrame # from `score_rows`
              )->dict:
-    "The mean of each metric over the questions (`reciprocal_rank`'s mean is the MRR; judged metrics over the verdicts given, None if none), and seconds per answer."
+    "The mean of each metric over the questions, and seconds per answer."
     means = {m: scored[m].astype(float).mean() for m in METRICS + JUDGED if m in scored}
     return {**{m: None if pd.isna(v) else round(float(v), 4) for m, v in means.items()}, 'questions': len(scored),
             'seconds_per_answer': round(float(scored.seconds.mean()), 2)}
@@ -110,7 +110,7 @@ def summarize(scored:pd.DataFrame # from `score_rows`
 def cites_answer_source(answers:list[str], # the generated answers
                         sources:list # the document each question's answer is in (None where unknown)
                        )->list[float]:
-    "1.0 where an answer cites the document its question's answer is in, 0.0 where not, NaN where that is unknown."
+    "1.0 where an answer cites its question's source document, 0.0 where not, NaN where unknown."
     known = lambda s: isinstance(s, str) and bool(s)
     return [float(bool(cited_sources(a, [{'source': s}]))) if known(s) else float('nan')
             for a, s in zip(answers, sources)]
@@ -122,7 +122,7 @@ def judge_llm(base_url:str, # an OpenAI-compatible API root, e.g. the gateway's 
               timeout:float=180, # seconds per call
               max_retries:int=2 # retries of a failed call, with backoff
              ):
-    "ragas' judge LLM (instructor, JSON mode) over an OpenAI-compatible endpoint; the gateway holds any key."
+    "ragas' judge LLM (instructor, JSON mode) over an OpenAI-compatible endpoint."
     from openai import AsyncOpenAI
     from ragas.llms import llm_factory
     client = AsyncOpenAI(base_url=base_url, api_key='unused', timeout=timeout, max_retries=max_retries)
@@ -136,7 +136,7 @@ def judge_rows(rows:pd.DataFrame, # answered questions (`answer_all`): question,
                llm, # from `judge_llm`
                embeddings # `LocalEmbeddings` (answer relevancy compares questions by embedding)
               )->pd.DataFrame:
-    "`rows` with ragas' `faithfulness` and `answer_relevancy` from the judge; missing verdicts are NaN, with `judge_error` saying why."
+    "`rows` with the judge's `faithfulness` and `answer_relevancy`; NaN and `judge_error` if missing."
     faithfulness, relevancy = Faithfulness(llm=llm), AnswerRelevancy(llm=llm, embeddings=embeddings, strictness=1)
     async def judge(r):
         (f, f_err), (a, a_err) = (await _verdict(faithfulness, user_input=r.question, response=r.answer or ' ',
@@ -158,7 +158,7 @@ def variant_key(identity:dict, # what the variant is: generator, weights hashes,
                 rows:list[dict], # the questions (and, for the judge, the answers)
                 code:str # a hash of the code that computes the results (`answering_code`)
                )->str:
-    "A short hash of the variant, the questions, the system prompt and the code: the name of its cached results."
+    "A short hash of the variant, questions, system prompt and code: its cached results' name."
     parts = [identity, rows, llmops_tpl.dataset.SYSTEM_PROMPT, code]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -183,7 +183,7 @@ def judge_variant(name:str, # the variant's name
                   embeddings, # `LocalEmbeddings`
                   cache_dir:Path|str # where results are kept between runs
                  )->tuple[pd.DataFrame, bool]:
-    "`scored` with the judge's verdicts (`judge_rows`), and whether they came from the cache; verdicts lost to an unreachable judge are not kept."
+    "`scored` with the judge's verdicts (`judge_rows`), and whether they came from the cache."
     rows = scored[['question', 'answer']].to_dict('records')
     reachable = lambda judged: not judged.judge_error.str.contains('Connection|Timeout').any()
     key = variant_key(identity, rows, code_sha256(judge_llm, _verdict, judge_rows, packages=_PACKAGES))
@@ -204,7 +204,7 @@ def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
          min_metrics:dict[str, float], # floors: metric name -> lowest value accepted
          min_margin_over_base:dict[str, float]|None=None # metric name -> how much the candidate must beat `base` by
         )->dict:
-    "The gate's checks on `candidate`, each with its value, threshold and verdict, and whether all passed."
+    "The gate's checks on `candidate` (value, threshold, verdict each), and whether all passed."
     got = summaries[candidate]
     checks = [{'check': f"{m} >= {t}", 'metric': m, 'value': got[m], 'threshold': t, 'passed': got[m] >= t}
               for m, t in min_metrics.items()]

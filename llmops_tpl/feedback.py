@@ -41,7 +41,7 @@ RATINGS, VERDICTS, PREFERENCES = ('up', 'down'), ('accepted', 'rejected'), ('cha
 # %% ../nbs/16_feedback.ipynb #cell-007
 def open_store(url:str # a SQLAlchemy URL: `sqlite:////abs/feedback.db`, `postgresql+psycopg://user@host/db`
               )->sa.Engine:
-    "An engine on the feedback store, its tables created if missing (SQLite: WAL mode, writers wait for each other)."
+    "An engine on the feedback store, its tables created if missing."
     engine = sa.create_engine(url)
     if engine.dialect.name == 'sqlite':
         if (db := engine.url.database) and db != ':memory:': Path(db).parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def scrub(text:str|None # free text typed by a person
 def forward_feedback(engine:sa.Engine, # the store
                      limit:int=200 # most rows sent in one call
                     )->dict:
-    "Attach feedback rows not yet forwarded to their traces in the current MLflow tracking store; returns counts `sent` and `failed`."
+    "Send unforwarded feedback rows to their MLflow traces; returns counts `sent` and `failed`."
     import mlflow
     from mlflow.entities import AssessmentSource
     pending = read_table(engine, where=FEEDBACK.c.forwarded_at.is_(None) & FEEDBACK.c.trace_id.is_not(None))
@@ -182,7 +182,7 @@ def forward_in_background(engine:sa.Engine, # the store
 # %% ../nbs/16_feedback.ipynb #cell-023
 def reviewed_feedback(engine:sa.Engine # the store
                      )->pd.DataFrame:
-    "Accepted feedback with a correction or a thumbs down: question and correction scrubbed of personal data, with provenance."
+    "Accepted feedback with a correction or a thumbs down, scrubbed, with provenance."
     rows = read_table(engine, where=(FEEDBACK.c.review == 'accepted') & (FEEDBACK.c.correction.is_not(None)
                                                                          | (FEEDBACK.c.rating == 'down')))
     out = rows[['id', 'trace_id', 'model_version', 'reviewer',

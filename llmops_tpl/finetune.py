@@ -81,7 +81,7 @@ def finetune(base_dir:Path|str, # a local model folder (from `fetch_base_model`)
              lora=None, # from `lora_config`; its defaults when None
              callbacks:list|None=None # extra `TrainerCallback`s (logging to MLflow, say)
             )->tuple[Path, list[dict]]:
-    "Train a LoRA adapter on `train_rows`, resuming from the last checkpoint in `out_dir`; returns the adapter folder and the log history."
+    "Train a LoRA adapter on `train_rows`, resumably; returns the adapter folder and log history."
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not train_rows: raise ValueError('the training set is empty: nothing to fine-tune on (see the dataset stage)')
@@ -121,7 +121,7 @@ def run_key(base_dir:Path|str, # the base model folder
             train_path:Path|str, # the training set
             settings:dict # every training setting
            )->str:
-    "The name of a run's checkpoint folder: a hash of the base model, the training set, the settings and the training code."
+    "A run's checkpoint folder name: a hash of the base model, training set, settings and code."
     code = code_sha256(sft_config, CPUSFTTrainer, lora_config, _finished, finetune,
                        packages=('torch', 'transformers', 'peft', 'trl'))
     parts = [weights_sha256(base_dir), model_files_sha256(base_dir), file_sha256(train_path), settings, code]

@@ -44,7 +44,7 @@ def plan_endpoint(name:str, # the endpoint's name, which clients pass as `model`
                   selfhosted_url:str, # where `llmops-tpl serve` answers (`gateway.selfhosted_url`)
                   env:dict|None=None # the environment to read key variables from; `os.environ` when None
                  )->dict:
-    "What endpoint `name` becomes here: provider, model, upstream URL, the variable holding its key, budget, rate limit and fallback."
+    "What endpoint `name` becomes here: provider, model, upstream, key variable, limits, fallback."
     env = os.environ if env is None else env
     provider, key_env = spec.get('provider', SELFHOSTED), spec.get('key_env')
     if provider not in (*VENDORS, SELFHOSTED):
@@ -83,7 +83,7 @@ _ROUTE_FAMILIES = ('mlflow', 'openai', 'anthropic', 'gemini')
 def endpoint_name(path:str, # the request path, under `/gateway/`
                   body:bytes # the request body
                  )->str|None:
-    "The gateway endpoint a request is for: the body's `model` on the OpenAI- and Anthropic-style routes, else `/gateway/NAME/...`."
+    "The gateway endpoint a request is for: the body's `model`, or `NAME` in `/gateway/NAME/...`."
     try: model = json.loads(body or b'{}').get('model')
     except (ValueError, AttributeError): model = None
     if isinstance(model, str): return model
@@ -91,7 +91,7 @@ def endpoint_name(path:str, # the request path, under `/gateway/`
     return parts[2] if len(parts) > 3 and parts[2] not in _ROUTE_FAMILIES else None
 
 class RateLimits:
-    "ASGI middleware: requests to a gateway endpoint past its rate limit get 429, with the limit and when to retry."
+    "ASGI middleware: past its endpoint's rate limit, a gateway request gets 429 and `Retry-After`."
     def __init__(self, app, # the ASGI app to protect
                  limit_of:Callable[[str], str|None], # an endpoint's limit (`'60/minute'`), or None for no limit
                  storage_uri:str='memory://', # where hits are counted (a `limits` storage URI)
@@ -126,7 +126,7 @@ class RateLimits:
 
 # %% ../nbs/15_gateway.ipynb #cell-015
 def server_app():
-    "MLflow's server app (tracking and gateway) behind per-endpoint rate limits: the `mlflow.app` plugin `llmops-tpl`."
+    "MLflow's server app (tracking and gateway) behind per-endpoint rate limits."
     from mlflow.environment_variables import MLFLOW_GATEWAY_RATE_LIMITS_STORAGE_URI
     from mlflow.server.fastapi_app import app
     from mlflow.server.handlers import _get_tracking_store
@@ -149,7 +149,7 @@ def gateway_env(plans:list[dict], # from `plan_gateway`
     return env
 
 def _private(host:str)->bool:
-    "Whether `host` is this machine or a private network's address (MLflow's gateway refuses those unless told)."
+    "Whether `host` is this machine or a private network's address."
     try: return host == 'localhost' or ipaddress.ip_address(host).is_private
     except ValueError: return False
 
@@ -241,7 +241,7 @@ def _budget(store, plan, endpoint_id):
 def apply_gateway(url:str, # the gateway server, e.g. `http://127.0.0.1:5050`
                   plans:list[dict] # from `plan_gateway`
                  )->pd.DataFrame:
-    "Create or update the server's endpoints to match `plans`; one row per endpoint with what it now does (no keys)."
+    "Create or update the server's endpoints to match `plans`; returns what each does (no keys)."
     # the REST store: MLflow's client for the gateway's configuration API
     store = mlflow.MlflowClient(url)._tracking_client.store
     definitions = {p['endpoint']: _model_definition(store, p, _secret(store, p).secret_id).model_definition_id
@@ -270,7 +270,7 @@ def openai_base_url(url:str # the gateway server
 def endpoint_usage(url:str, # the gateway server
                    endpoint:str # an endpoint's name
                   )->pd.DataFrame:
-    "One row per request the gateway traced for `endpoint` (the latest 500): trace id, time, status, tokens and estimated cost in USD (which the server adds a moment after the tokens)."
+    "The latest 500 requests traced for `endpoint`: trace id, time, status, tokens, cost in USD."
     client = mlflow.MlflowClient(url)
     experiment = client.get_experiment_by_name(f"gateway/{endpoint}")
     found = client.search_traces(locations=[experiment.experiment_id], max_results=500,
@@ -288,7 +288,7 @@ def endpoint_usage(url:str, # the gateway server
 def endpoint_identity(url:str, # the gateway server
                       endpoint:str # an endpoint's name
                      )->list[dict]:
-    "What answers behind `endpoint`: each model's role, provider, model name and upstream URL (no keys). Raises `ConnectionError` when no gateway answers."
+    "What answers behind `endpoint`: each model's role, provider, name and URL (no keys)."
     try: httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
     except httpx.HTTPError as e:
         raise ConnectionError(f"no AI gateway answers at {url}: start one with `llmops-tpl gateway` ({e})") from e

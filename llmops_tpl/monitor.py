@@ -27,7 +27,7 @@ def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.exp
                since_ms:int=0, # only turns that started after this time (milliseconds since the epoch)
                max_results:int=5000 # most turns read in one call
               )->pd.DataFrame:
-    "One row per chat turn of the app after `since_ms`: time, model version, route, state, latency, the question (scrubbed) and the retrieval scores."
+    "One row per chat turn after `since_ms`: time, version, route, state, latency, question, scores."
     exp = mlflow.get_experiment_by_name(experiment)
     cols = ['trace_id', 'time_ms', 'model_version', 'route', 'state', 'latency_s', 'question', 'top_score', 'scores']
     if exp is None: return pd.DataFrame(columns=cols)
@@ -48,7 +48,7 @@ def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.exp
 def summarize_traffic(turns:pd.DataFrame, # from `chat_turns`
                       feedback:pd.DataFrame # the feedback store's rows (`read_table`)
                      )->pd.DataFrame:
-    "Per model version: turns, errors, ratings, satisfaction (share of thumbs up) and latency p50/p95 in seconds."
+    "Per model version: turns, errors, ratings, satisfaction and latency p50/p95 in seconds."
     rated = feedback.assign(up=feedback.rating.eq('up')).groupby('model_version').up.agg(['count', 'mean'])
     lat = turns.latency_s.astype(float).groupby(turns.model_version)
     out = pd.DataFrame({'turns': turns.groupby('model_version').size(),
@@ -61,7 +61,7 @@ def summarize_traffic(turns:pd.DataFrame, # from `chat_turns`
 def score_drift(live:list[float], # top retrieval scores of live questions
                 reference:list[float] # the same for the reference questions
                )->dict:
-    "Kolmogorov-Smirnov statistic and p-value between the two score distributions, and the shift of the median."
+    "KS statistic and p-value between the two score distributions, and the shift of the median."
     live, reference = np.asarray(live, float), np.asarray(reference, float)
     live, reference = live[~np.isnan(live)], reference[~np.isnan(reference)]
     if len(live) == 0 or len(reference) == 0: return {'ks_statistic': None, 'ks_p_value': None, 'median_shift': None}
@@ -72,7 +72,7 @@ def score_drift(live:list[float], # top retrieval scores of live questions
 def failing_questions(feedback:pd.DataFrame, # the feedback store's rows
                       n:int=10 # how many
                      )->pd.DataFrame:
-    "The questions rated down most often (scrubbed), with their share of thumbs down and the last reason given."
+    "The questions rated down most often (scrubbed), with their thumbs-down share and last reason."
     if feedback.empty: return pd.DataFrame(columns=['question', 'down', 'ratings', 'last_reason'])
     fb = feedback.assign(question=feedback.question.map(scrub), down=feedback.rating.eq('down'))
     g = fb.sort_values('id').groupby('question')

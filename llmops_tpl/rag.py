@@ -46,7 +46,7 @@ def load_generator(base_dir:Path|str, # a local model folder
 
 # %% ../nbs/09_rag.ipynb #cell-005
 class LocalGenerator:
-    "Chat replies from a local model folder with an optional LoRA adapter, decoded greedily, one request at a time."
+    "Chat replies from a local model and optional LoRA adapter, greedy, one request at a time."
     def __init__(self, base_dir:Path|str, # a local model folder
                  adapter_dir:Path|str|None=None # a LoRA adapter folder; the base model alone when None
                 ):
@@ -94,10 +94,10 @@ class LocalGenerator:
 
 # %% ../nbs/09_rag.ipynb #cell-009
 class GeneratorError(RuntimeError):
-    "An endpoint that did not answer, after the client's retries: the message says which, after how many tries, and why."
+    "An endpoint that did not answer, after the client's retries."
 
 class OpenAIGenerator:
-    "Chat replies from an OpenAI-compatible endpoint: an AI gateway route, a vendor, or `llmops-tpl serve`."
+    "Chat replies from an OpenAI-compatible endpoint: the gateway, a vendor, `llmops-tpl serve`."
     def __init__(self, base_url:str, # the API root, e.g. `http://127.0.0.1:8080/v1`
                  model:str, # the model (or gateway endpoint) name
                  api_key_env:str|None=None, # the variable holding the key of a vendor called directly; none for a gateway (it holds the keys) or a local server
@@ -119,7 +119,7 @@ class OpenAIGenerator:
                                  f"{getattr(e, 'status_code', None) or type(e).__name__} {e.message}") from e
 
     def complete(self, messages:list[dict], max_new_tokens:int=128, json_mode:bool=False)->dict:
-        "The reply `text`, with `prompt_tokens` and `completion_tokens` as the endpoint reports them; `json_mode` asks for a JSON object."
+        "The reply `text` with its `prompt_tokens` and `completion_tokens`; `json_mode` asks for JSON."
         r = self._create(messages, max_new_tokens,
                          **({'response_format': {'type': 'json_object'}} if json_mode else {}))
         u = r.usage
@@ -177,7 +177,7 @@ class RAGChain:
     @mlflow.trace(name='rag', span_type=SpanType.CHAIN)
     def answer(self, question:str # the user's question
               )->dict:
-        "The answer to `question`, its sources, the passages with scores, token usage, retrieval and generation time."
+        "The answer to `question`: sources, passages with scores, token usage, and timings."
         passages, retrieval_seconds = self._timed_retrieve(question)
         messages = rag_messages(question, passages)
         with mlflow.start_span('generate', span_type=SpanType.LLM) as span:
@@ -194,7 +194,7 @@ class RAGChain:
     @mlflow.trace(name='rag', span_type=SpanType.CHAIN, output_reducer=lambda events: events[-1] if events else None)
     def stream(self, question:str # the user's question
               )->Iterator[dict]:
-        "`{'passages': ...}` first, then `{'delta': text}` pieces, then the whole result as `answer` returns it."
+        "`{'passages': ...}`, then `{'delta': text}` pieces, then the whole result `answer` returns."
         passages, retrieval_seconds = self._timed_retrieve(question)
         yield {'passages': passages}
         messages = rag_messages(question, passages)

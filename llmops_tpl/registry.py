@@ -18,7 +18,7 @@ def propose(name:str, # the registered model
             version:int|str, # the version the `register` stage created
             gate:dict|None # the evaluation gate's result (`passed`, `checks`); None when there is none
            )->bool:
-    "Record the gate's verdict on `version`; make it `@challenger` when the gate passed. Returns whether it did."
+    "Record the gate's verdict on `version`; returns whether it became `@challenger`."
     c, passed = mlflow.MlflowClient(), bool(gate and gate.get('passed'))
     c.set_model_version_tag(name, str(version), 'gate_passed', str(passed).lower())
     c.set_model_version_tag(name, str(version), 'gate',
