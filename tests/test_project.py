@@ -72,3 +72,16 @@ def test_dvc_stage_deps_list_exactly_the_modules_their_notebooks_import():
         if nb not in stage['deps'] or have != want:
             wrong.append(f"{name}: {'' if nb in stage['deps'] else nb + ' not in deps; '}missing {sorted(want - have)}, extra {sorted(have - want)}")
     assert not wrong, '\n'.join(wrong)
+
+
+def test_package_functions_are_short_and_docstrings_one_short_line():
+    long_bodies, long_docs = [], []
+    for path in sorted((ROOT/'llmops_tpl').glob('*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            doc = ast.get_docstring(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else None
+            if doc and (len(doc) > 100 or '\n' in doc): long_docs.append(f"{path.name}:{node.name}")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if doc is not None else node.body
+                if body and body[-1].end_lineno - body[0].lineno + 1 > 40: long_bodies.append(f"{path.name}:{node.name}")
+    assert not long_bodies, f"functions over 40 lines: {long_bodies}"
+    assert not long_docs, f"docstrings over one line of 100 characters: {long_docs}"
