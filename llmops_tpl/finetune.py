@@ -112,6 +112,7 @@ def training_steps(examples:int, # training examples
                    max_steps:int # the most updates allowed (-1: no limit)
                   )->tuple[int, float]:
     "The updates to run and the passes over the data they make."
+    if examples < 1: raise ValueError('the training set is empty: nothing to fine-tune on (see the dataset stage)')
     per_epoch = examples / (batch_size * grad_accum)
     steps = max(1, math.ceil(epochs * per_epoch))
     if max_steps > 0: steps = min(steps, max_steps)
