@@ -28,21 +28,21 @@ def file_sha256(path:Path|str # a file
         for block in iter(lambda: f.read(2**20), b''): h.update(block)
     return h.hexdigest()
 
+def _files_sha256(paths:list[Path])->str:
+    h = hashlib.sha256()
+    for p in paths: h.update(p.name.encode()); h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
 def weights_sha256(folder:Path|str # a Hugging Face model folder
                   )->str:
     "One hash over the weight files of a model folder (`*.safetensors`, `*.bin`), by name and content."
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).glob('*.safetensors')) + sorted(Path(folder).glob('*.bin')):
-        h.update(p.name.encode()); h.update(file_sha256(p).encode())
-    return h.hexdigest()
+    return _files_sha256(sorted(Path(folder).glob('*.safetensors')) + sorted(Path(folder).glob('*.bin')))
 
 def model_files_sha256(folder:Path|str # a Hugging Face model folder
                       )->str:
     "One hash over the other files of a model folder: its configuration, tokenizer and chat template."
-    h = hashlib.sha256()
-    for p in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix not in ('.safetensors', '.bin')):
-        h.update(p.name.encode()); h.update(file_sha256(p).encode())
-    return h.hexdigest()
+    others = (p for p in Path(folder).iterdir() if p.is_file() and p.suffix not in ('.safetensors', '.bin'))
+    return _files_sha256(sorted(others))
 
 # %% ../nbs/06_hub.ipynb #cell-008
 def smollm2_gguf()->Path:
