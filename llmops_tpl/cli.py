@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .config import database_url, find_root, load_params, project_path, use_experiment
+from .config import database_url, find_root, load_params, project_path, use_experiment, write_json
 from .corpus import write_corpus
 
 # %% ../nbs/13_cli.ipynb #cell-005
@@ -47,26 +47,39 @@ def corpus():
     how = ensure_corpus(raw, params['corpus']['modules'], params['corpus']['pydoc_topics'])
     click.echo(f"corpus {how}: {raw}")
 
+def _feedback_store(params:dict # the project's params
+                   ):
+    "The app's feedback store: `app.feedback_store`, or `LLMOPS_FEEDBACK_STORE` when set."
+    from llmops_tpl.feedback import open_store
+    return open_store(database_url(params['app']['feedback_store'], 'LLMOPS_FEEDBACK_STORE'))
+
+def _keep_last_export(path:Path, # the feedback export (`paths.feedback`)
+                      activity_path:Path, # the traffic fingerprint (`paths.activity`)
+                      e:Exception # why the stores could not be read
+                     ):
+    "Leave the last exports as they are (empty ones where there are none yet), and say why."
+    for p, empty in ((path, ''), (activity_path, '{}')):
+        if p.exists(): continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(empty)
+    click.echo(f"feedback store or tracking store unreachable, {path} and {activity_path} left as they were: {e}",
+               err=True)
+
 @main.command()
 def feedback():
     "Export reviewed feedback to `paths.feedback` and the traffic fingerprint to `paths.activity`."
     import mlflow
-    from llmops_tpl.config import write_json
-    from llmops_tpl.feedback import export_reviewed, open_store
+    from llmops_tpl.feedback import export_reviewed
     from llmops_tpl.monitor import activity
     params = load_params()
     path, activity_path = project_path(params['paths']['feedback']), project_path(params['paths']['activity'])
     try:
-        store = open_store(database_url(params['app']['feedback_store'], 'LLMOPS_FEEDBACK_STORE'))
+        store = _feedback_store(params)
         n = export_reviewed(store, path)
         mlflow.set_tracking_uri(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'))
         write_json(activity(params['mlflow']['experiment'], store), activity_path)
-    except Exception as e:  # a store that is down must not stop the pipeline: the last export stands
-        for p, empty in ((path, ''), (activity_path, '{}')):
-            if not p.exists(): p.parent.mkdir(parents=True, exist_ok=True); p.write_text(empty)
-        return click.echo(f"feedback store or tracking store unreachable, {path} and {activity_path} left as they "
-                          f"were: {e}", err=True)
-    click.echo(f"feedback exported: {n} reviewed rows in {path}")
+    except Exception as e: _keep_last_export(path, activity_path, e)
+    else: click.echo(f"feedback exported: {n} reviewed rows in {path}")
 
 @main.command()
 @click.argument('stages', nargs=-1)
@@ -97,10 +110,11 @@ def search_cmd(query, k, index_dir, as_json):
     from llmops_tpl.index import search
     try: hits = search(query, index_dir or project_path(load_params()['paths']['index']), k)
     except (ValueError, FileNotFoundError) as e: raise click.ClickException(str(e))
-    if as_json: return click.echo(json.dumps(hits, indent=1, default=str))
-    for h in hits:
-        click.echo(click.style(f"{h['score']:.3f}  {h['source']}  {h['section']}", bold=True))
-        click.echo('       ' + ' '.join(h['text'].split())[:300] + '\n')
+    if as_json: click.echo(json.dumps(hits, indent=1, default=str))
+    else:
+        for h in hits:
+            click.echo(click.style(f"{h['score']:.3f}  {h['source']}  {h['section']}", bold=True))
+            click.echo('       ' + ' '.join(h['text'].split())[:300] + '\n')
 
 # %% ../nbs/13_cli.ipynb #cell-014
 @main.command()
@@ -171,6 +185,56 @@ def serve(alias, host, port):
                 host=host or s['host'], port=port or s['port'])
 
 # %% ../nbs/13_cli.ipynb #cell-022
+def _plans(g:dict, # the `gateway` params
+           selfhosted_url:str|None # `--selfhosted-url`, or None for `gateway.selfhosted_url`
+          )->list[dict]:
+    "The plans of `gateway.endpoints`, or a `ClickException` saying what is wrong with them."
+    from llmops_tpl.gateway import plan_gateway
+    try: return plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'])
+    except ValueError as e: raise click.ClickException(str(e))
+
+def _apply(url:str, # the gateway server
+           plans:list[dict], # from `_plans`
+           done:str # what to say once they are applied
+          ):
+    "Apply `plans` to the gateway at `url`, printing what each endpoint does, then `done`."
+    from llmops_tpl.gateway import apply_gateway
+    click.echo(apply_gateway(url, plans).to_string(index=False))
+    click.echo(done)
+
+def _start_gateway(uri:str, # the tracking database
+                   plans:list[dict], # from `_plans`
+                   g:dict, # the `gateway` params
+                   host:str, # bind address
+                   port:int # port
+                  ):
+    "Start the gateway server on `uri` (saying so if keys get MLflow's development passphrase)."
+    from llmops_tpl.gateway import gateway_env, start_gateway
+    if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
+        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase",
+                   err=True)
+    try: return start_gateway(uri, project_path('mlartifacts'), host, port,
+                              gateway_env(plans, g['upstream_timeout_seconds']))
+    except RuntimeError as e: raise click.ClickException(str(e))
+
+def _serve_gateway(uri:str, # the tracking database
+                   plans:list[dict], # from `_plans`
+                   g:dict, # the `gateway` params
+                   host:str, # bind address
+                   port:int # port
+                  ):
+    "Start a gateway server on `uri`, apply `plans` to it, and serve until stopped."
+    import signal
+    from llmops_tpl.gateway import openai_base_url, stop_gateway
+    url = f"http://{host}:{port}"
+    proc = _start_gateway(uri, plans, g, host, port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
+    try:
+        _apply(url, plans, f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model "
+                           "(Ctrl-C stops it)")
+        proc.wait()
+    finally: stop_gateway(proc)
+
 @main.command()
 @click.option('--host', default=None, help='address to bind [default: gateway.host]')
 @click.option('--port', default=None, type=int, help='port [default: gateway.port]')
@@ -178,32 +242,14 @@ def serve(alias, host, port):
               help='where `llmops-tpl serve` answers [default: gateway.selfhosted_url]')
 def gateway(host, port, selfhosted_url):
     "Start MLflow's AI gateway on the project's tracking database and apply `gateway.endpoints`."
-    import signal
-    from llmops_tpl.gateway import (apply_gateway, gateway_env, openai_base_url, plan_gateway, start_gateway,
-                                    stop_gateway)
+    from llmops_tpl.gateway import openai_base_url
     params = load_params()
     g = params['gateway']
-    try: plans = plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'])
-    except ValueError as e: raise click.ClickException(str(e))
+    plans = _plans(g, selfhosted_url)
     uri = database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI')
     if uri.startswith(('http://', 'https://')):
-        click.echo(apply_gateway(uri, plans).to_string(index=False))
-        return click.echo(f"applied to the gateway of {uri}; clients use base_url {openai_base_url(uri)}")
-    if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
-        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase",
-                   err=True)
-    host, port = host or g['host'], port or g['port']
-    url = f"http://{host}:{port}"
-    try: proc = start_gateway(uri, project_path('mlartifacts'), host, port,
-                              gateway_env(plans, g['upstream_timeout_seconds']))
-    except RuntimeError as e: raise click.ClickException(str(e))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
-    try:
-        click.echo(apply_gateway(url, plans).to_string(index=False))
-        click.echo(f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model (Ctrl-C "
-                   "stops it)")
-        proc.wait()
-    finally: stop_gateway(proc)
+        _apply(uri, plans, f"applied to the gateway of {uri}; clients use base_url {openai_base_url(uri)}")
+    else: _serve_gateway(uri, plans, g, host or g['host'], port or g['port'])
 
 # %% ../nbs/13_cli.ipynb #cell-024
 def app_auth(text:str|None # `LLMOPS_APP_AUTH`: `user:password` pairs separated by commas
@@ -215,6 +261,57 @@ def app_auth(text:str|None # `LLMOPS_APP_AUTH`: `user:password` pairs separated 
         raise ValueError('LLMOPS_APP_AUTH must be user:password pairs separated by commas')
     return [(u.strip(), pw) for u, pw in pairs]
 
+def _auth()->list[tuple[str, str]]|None:
+    "The logins of `LLMOPS_APP_AUTH`, or a `ClickException` when it is malformed."
+    try: return app_auth(os.environ.get('LLMOPS_APP_AUTH'))
+    except ValueError as e: raise click.ClickException(str(e))
+
+def _api_settings(params:dict # the project's params
+                 )->dict:
+    "The `api` route's generator settings: the gateway's `rag.api_endpoint`, its timeout and retries."
+    from llmops_tpl.gateway import openai_base_url
+    g = params['gateway']
+    return {'base_url': openai_base_url(f"http://{g['host']}:{g['port']}"), 'model': params['rag']['api_endpoint'],
+            'timeout': g['client_timeout_seconds'], 'max_retries': g['client_max_retries']}
+
+def _app_models(name:str, # the registered RAG model
+                api:dict # from `_api_settings`
+               ):
+    "`AppModels` on `@champion`, or on `@challenger` (saying so) while no version is approved."
+    from llmops_tpl.app import AppModels
+    try: return AppModels(name, api)
+    except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
+        try: models = AppModels(name, api, champion='challenger')
+        except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a "
+                                                            "version (llmops-tpl approve)")
+    click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a "
+               "version is approved", err=True)
+    return models
+
+def _ui(models, # from `_app_models`
+        params:dict, # the project's params
+        route:str|None, # `--route`, or None for `rag.architecture`
+        forward_seconds:float|None # `--forward-seconds`, or None for `app.forward_seconds`
+       ):
+    "The Gradio app over `models`, its feedback forwarded to the traces in the background."
+    from llmops_tpl.app import build_app
+    from llmops_tpl.feedback import forward_in_background
+    store = _feedback_store(params)
+    forward = forward_in_background(store, forward_seconds or params['app']['forward_seconds'])
+    route = route or params['rag']['architecture']
+    return build_app(models, store, params['serve']['max_prompt_chars'], route, forward)
+
+def _launch(ui, # from `_ui`
+            host:str, # bind address
+            port:int, # port
+            auth:list|None # from `_auth`
+           ):
+    "Serve `ui` until the process is stopped."
+    import signal
+    # `kill` exits through atexit, where MLflow writes the traces still queued
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ui.queue().launch(server_name=host, server_port=port, auth=auth, ssr_mode=False, footer_links=['api'])
+
 @main.command()
 @click.option('--host', default=None, help='address to bind [default: app.host]')
 @click.option('--port', default=None, type=int, help='port [default: app.port]')
@@ -225,29 +322,10 @@ def app_auth(text:str|None # `LLMOPS_APP_AUTH`: `user:password` pairs separated 
 def app(host, port, route, forward_seconds):
     "Start the Gradio app: chat with @champion, rate answers, review feedback, approve @challenger."
     import torch
-    from llmops_tpl.app import AppModels, build_app
-    from llmops_tpl.feedback import forward_in_background, open_store
-    from llmops_tpl.gateway import openai_base_url
     name, params = _registry()
-    a, g, s = params['app'], params['gateway'], params['serve']
-    try: auth = app_auth(os.environ.get('LLMOPS_APP_AUTH'))
-    except ValueError as e: raise click.ClickException(str(e))
+    a, s = params['app'], params['serve']
+    auth = _auth()
     torch.set_num_threads(s['threads'])
-    api = {'base_url': openai_base_url(f"http://{g['host']}:{g['port']}"), 'model': params['rag']['api_endpoint'],
-           'timeout': g['client_timeout_seconds'], 'max_retries': g['client_max_retries']}
-    try: models = AppModels(name, api)
-    except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
-        try: models = AppModels(name, api, champion='challenger')
-        except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a "
-                                                            "version (llmops-tpl approve)")
-        click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a "
-                   "version is approved", err=True)
+    models = _app_models(name, _api_settings(params))
     models.champion.watch(s['poll_seconds'])
-    store = open_store(database_url(params['app']['feedback_store'], 'LLMOPS_FEEDBACK_STORE'))
-    ui = build_app(models, store, s['max_prompt_chars'], route or params['rag']['architecture'],
-                   forward_in_background(store, forward_seconds or a['forward_seconds']))
-    import signal
-    # `kill` exits through atexit, where MLflow writes the traces still queued
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    ui.queue().launch(server_name=host or a['host'], server_port=port or a['port'], auth=auth, ssr_mode=False,
-                      footer_links=['api'])
+    _launch(_ui(models, params, route, forward_seconds), host or a['host'], port or a['port'], auth)

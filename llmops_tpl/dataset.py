@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['API_QUESTIONS', 'GENERIC', 'IMPERATIVE', 'HOW', 'WHAT_CODE', 'ABOUT', 'QA_COLUMNS', 'GENERATION_PROMPT',
-           'SYSTEM_PROMPT', 'first_sentence', 'qa_from_chunk', 'question_for', 'opening_span', 'qa_from_section',
-           'derive_qa', 'gold_chunk_ids', 'read_curated', 'generation_messages', 'parse_generated', 'generate_qa',
-           'split_by_document', 'collect_questions', 'rag_messages', 'sft_example']
+           'SYSTEM_PROMPT', 'PROVENANCE', 'EVAL_COLUMNS', 'ORIGINS', 'first_sentence', 'qa_from_chunk', 'question_for',
+           'opening_span', 'qa_from_section', 'derive_qa', 'gold_chunk_ids', 'read_curated', 'generation_messages',
+           'parse_generated', 'generate_qa', 'split_by_document', 'collect_questions', 'rag_messages', 'sft_example',
+           'sft_examples', 'feedback_rows', 'write_dataset', 'dataset_metrics']
 
 # %% ../nbs/08_dataset.ipynb #cell-001
 import hashlib
@@ -15,6 +16,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 # %% ../nbs/08_dataset.ipynb #cell-005
 def _order_key(value, seed:int=0)->str:
@@ -77,27 +79,45 @@ def _verb(gerund:str)->str:
     silent_e = r'(at|iz|us|ak|rit|[^aeiou][bcdgktpz]l|ur|iv|ov|av|ag|ang|rs|os|ys|ns|ir|ar|is|rv|dg|ic|ok|or)$'
     return s + 'e' if re.search(silent_e, s) and not s.endswith(('ing', 'ong', 'eng')) else s
 
+# %% ../nbs/08_dataset.ipynb #cell-040
+def _clean_heading(heading:str # a section's heading
+                  )->str|None:
+    "`heading` without link markup and a trailing colon; None for a shell line or a version number."
+    h = re.sub(r'\[([^\]]+)\]\([^)]*\)', r'\1', heading).strip().rstrip(':').strip()
+    return None if not h or h.startswith('$') or re.match(r'^\W*v?\d+(\.\d+)+', h) else h
+
+def _task_question(h:str, # a cleaned heading
+                   key:str # picks the phrasing
+                  )->str|None:
+    "'How do I ...?' for a heading naming a task (how to, to, an imperative, a gerund); else None."
+    first, _, rest = h.partition(' ')
+    if h.lower().startswith('how to '): h, first, rest = h[7:], 'to', h[7:]
+    if first == 'to' or first.lower() in IMPERATIVE:
+        return _pick(HOW[:2], key).format(v=_words(rest if first == 'to' else h))
+    if first.lower().endswith('ing') and len(first) >= 5 and rest:
+        return _pick(HOW, key).format(v=f"{_verb(first)} {_words(rest)}")
+    return None
+
+def _thing_question(h:str, # a cleaned heading
+                    topic:str, # what its document is about
+                    key:str # picks the phrasing
+                   )->str:
+    "A question on what a heading names: what some code is for, or how a concept (in `topic`) works."
+    if re.search(r'[`()]|\w\.\w|^[A-Z]\w*[a-z][A-Z]', h): return _pick(WHAT_CODE, key).format(n=h.strip('`'))
+    n = _words(h)
+    if ' ' not in h and topic and topic.lower() != n.lower(): n = f"{n} in {topic}"
+    return _pick(ABOUT, key).format(n=n)
+
+# %% ../nbs/08_dataset.ipynb #cell-043
 def question_for(heading:str, # a section's heading
                  topic:str, # what its document is about
                  key:str # picks the phrasing
                 )->str|None:
     "The question a section headed `heading` answers; None for headings that are no topic."
-    h = re.sub(r'\[([^\]]+)\]\([^)]*\)', r'\1', heading).strip().rstrip(':').strip()
-    if not h or h.startswith('$') or re.match(r'^\W*v?\d+(\.\d+)+', h): return None  # a shell line, a version number
-    if h.endswith('?'): return h
-    first, _, rest = h.partition(' ')
+    h = _clean_heading(heading)
+    if h is None or h.endswith('?'): return h
     if h.lower() in GENERIC: return GENERIC[h.lower()].format(t=topic)
-    if h.lower().startswith('how to '): h, first, rest = h[7:], 'to', h[7:]
-    if first == 'to' or first.lower() in IMPERATIVE:
-        return _pick(HOW[:2], key).format(v=_words(rest if first == 'to' else h))
-    if first.lower().endswith('ing') and len(first) >= 5 and rest:
-        v = f"{_verb(first)} {_words(rest)}"
-        return _pick(HOW, key).format(v=v)
-    if re.search(r'[`()]|\w\.\w|^[A-Z]\w*[a-z][A-Z]', h):
-        return _pick(WHAT_CODE, key).format(n=h.strip('`'))
-    n = _words(h)
-    if ' ' not in h and topic and topic.lower() != n.lower(): n = f"{n} in {topic}"
-    return _pick(ABOUT, key).format(n=n)
+    return _task_question(h, key) or _thing_question(h, topic, key)
 
 # %% ../nbs/08_dataset.ipynb #cell-013
 _NOT_PROSE = re.compile(r'^\s*(```|~~~|\.\. |:[\w-]+:|\||<|!\[|\[!|\{|[-*+] |\d+\. |Signature:|[-=*_]{3,}\s*$)')
@@ -177,26 +197,36 @@ def gold_chunk_ids(qa:pd.DataFrame, # questions with `source`, and optionally `s
     return out
 
 # %% ../nbs/08_dataset.ipynb #cell-021
+def _parse_curated(line:str, # one line of the curated file
+                   at:str # where it is (`file, line n`), for the messages
+                  )->dict:
+    "The object on `line`, checked: question and reference non-empty strings, source and section strings."
+    try: r = json.loads(line)
+    except json.JSONDecodeError as e: raise ValueError(f"{at}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(r, dict): raise ValueError(f"{at}: expected an object with question and reference")
+    for field in ('question', 'reference', 'source', 'section'):
+        required, value = field in ('question', 'reference'), r.get(field)
+        if not (value is None or isinstance(value, str)) or (required and not (value or '').strip()):
+            raise ValueError(f"{at}: field {field!r} must be a{' non-empty' * required} string, got {value!r}")
+    return r
+
+def _curated_row(r:dict, # a checked object of the curated file
+                 n:int # its line
+                )->dict:
+    "The question row of a curated object, its reference citing its source when it names one."
+    cite = r.get('source') and '[source:' not in r['reference']
+    ref = f"{r['reference']} [source: {r['source']}]" if cite else r['reference']
+    return {'question': r['question'], 'reference': ref, 'source': r.get('source'),
+            'section': r.get('section'), 'answer_start': None, 'origin': 'curated', 'line': n}
+
+# %% ../nbs/08_dataset.ipynb #cell-045
 def read_curated(path:Path|str # a JSON Lines file of questions; a missing file is an empty one
                 )->pd.DataFrame:
     "The curated questions of `path`, checked line by line, with their line numbers and origin `curated`."
-    path, rows = Path(path), []
-    at = f"{path}, line "
+    path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
-    for n, line in enumerate(lines, 1):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{at}{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(r, dict): raise ValueError(f"{at}{n}: expected an object with question and reference")
-        for field in ('question', 'reference', 'source', 'section'):
-            required, value = field in ('question', 'reference'), r.get(field)
-            if not (value is None or isinstance(value, str)) or (required and not (value or '').strip()):
-                raise ValueError(f"{at}{n}: field {field!r} must be a{' non-empty' * required} string, got {value!r}")
-        cite = r.get('source') and '[source:' not in r['reference']
-        ref = f"{r['reference']} [source: {r['source']}]" if cite else r['reference']
-        rows.append({'question': r['question'], 'reference': ref, 'source': r.get('source'),
-                     'section': r.get('section'), 'answer_start': None, 'origin': 'curated', 'line': n})
+    rows = [_curated_row(_parse_curated(line, f"{path}, line {n}"), n)
+            for n, line in enumerate(lines, 1) if line.strip()]
     return pd.DataFrame(rows, columns=QA_COLUMNS + ['line'])
 
 # %% ../nbs/08_dataset.ipynb #cell-024
@@ -219,6 +249,30 @@ def parse_generated(reply:str # the LLM's reply
     ok = isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in ('question', 'answer'))
     return {'question': r['question'].strip(), 'answer': r['answer'].strip()} if ok else None
 
+# %% ../nbs/08_dataset.ipynb #cell-046
+def _cached_reply(passage:dict, # a chunk
+                  complete, # `complete(messages) -> reply text`
+                  identity, # what answers the calls: part of the cache key
+                  cache_dir:Path # the replies kept
+                 )->str:
+    "The LLM's reply about `passage`: the one kept in `cache_dir`, or a new one, kept there."
+    key = hashlib.sha256(json.dumps([GENERATION_PROMPT, identity, passage['text']],
+                                    default=str).encode()).hexdigest()[:16]
+    path = cache_dir/f"{key}.json"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({'source': passage['source'], 'reply': complete(generation_messages(passage))}))
+    return json.loads(path.read_text())['reply']
+
+def _generated_row(qa:dict, # the `question` and `answer` an LLM wrote
+                   passage:dict # the chunk it read
+                  )->dict:
+    "The question row of an LLM's question about `passage`, its answer placed in the passage's middle."
+    return {'question': qa['question'], 'reference': f"{qa['answer']} [source: {passage['source']}]",
+            'source': passage['source'], 'section': passage['section'],
+            'answer_start': (passage['start'] + passage['end']) // 2, 'origin': 'generated'}
+
+# %% ../nbs/08_dataset.ipynb #cell-048
 def generate_qa(chunks:pd.DataFrame, # the chunk table
                 complete, # `complete(messages) -> reply text`: the LLM, through the gateway
                 identity, # what answers the calls (endpoint, models behind it): part of the cache key
@@ -230,19 +284,37 @@ def generate_qa(chunks:pd.DataFrame, # the chunk table
     opening = chunks[chunks.text.str.match(r'#{1,6} ') & (chunks.n_tokens >= 40)]
     rows, cache_dir = [], Path(cache_dir)
     for c in _in_stable_order(opening, 'chunk_id', seed).head(n).to_dict('records'):
-        key = hashlib.sha256(json.dumps([GENERATION_PROMPT, identity, c['text']],
-                                        default=str).encode()).hexdigest()[:16]
-        path = cache_dir/f"{key}.json"
-        if not path.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({'source': c['source'], 'reply': complete(generation_messages(c))}))
-        qa = parse_generated(json.loads(path.read_text())['reply'])
-        if qa: rows.append({'question': qa['question'], 'reference': f"{qa['answer']} [source: {c['source']}]",
-                            'source': c['source'], 'section': c['section'],
-                            'answer_start': (c['start'] + c['end']) // 2, 'origin': 'generated'})
+        qa = parse_generated(_cached_reply(c, complete, identity, cache_dir))
+        if qa: rows.append(_generated_row(qa, c))
     return pd.DataFrame(rows, columns=QA_COLUMNS)
 
 # %% ../nbs/08_dataset.ipynb #cell-027
+def _check_documents(qa:pd.DataFrame, # questions with `source` and `origin`
+                     docs:list[str], # the documents they come from
+                     min_documents:int # fewer is an error
+                    ):
+    "Stop, saying what the corpus gives and what to change, when under `min_documents` give questions."
+    if len(docs) >= min_documents: return
+    counts = ', '.join(f"{n} {o}" for o, n in qa.origin.value_counts().items()) or 'none'
+    raise ValueError(f"the corpus gives {len(qa)} questions ({counts}) from {len(docs)} documents, and the dataset "
+                     f"stage needs questions from at least {min_documents} (dataset.min_documents) to split them "
+                     "by document into training and evaluation: add documents to paths.raw (each section with a "
+                     "heading and an opening sentence gives a question), or questions to paths.questions")
+
+def _eval_documents(qa:pd.DataFrame, # questions with `source` and `origin`
+                    docs:list[str], # their documents, in the order to hold them out
+                    eval_share:float # share of the questions to hold out
+                   )->set[str]:
+    "The documents held out: the curated questions', then `docs` in order until `eval_share` is reached."
+    curated = qa.origin == 'curated'
+    held, per_doc, target = set(qa.source[curated].dropna()), qa.source.value_counts(), eval_share * len(qa)
+    for s in docs:
+        n = (curated | qa.source.isin(held)).sum()
+        if held and n >= target: break
+        if not held or n + per_doc[s] <= 2 * target: held.add(s)  # one that would double the share is left to train on
+    return held
+
+# %% ../nbs/08_dataset.ipynb #cell-050
 def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
                       eval_share:float=0.1, # share of the questions held out for evaluation, whole documents at a time
                       seed:int=0, # changes which documents
@@ -250,19 +322,9 @@ def split_by_document(qa:pd.DataFrame, # questions with `source` and `origin`
                      )->tuple[pd.DataFrame, pd.DataFrame]:
     "Train and eval questions split by source document; curated questions go to eval first."
     docs = sorted(set(qa.source.dropna()), key=lambda s: _order_key(s, seed))
-    counts = ', '.join(f"{n} {o}" for o, n in qa.origin.value_counts().items()) or 'none'
-    if len(docs) < min_documents:
-        raise ValueError(f"the corpus gives {len(qa)} questions ({counts}) from {len(docs)} documents, and the dataset "
-                         f"stage needs questions from at least {min_documents} (dataset.min_documents) to split them "
-                         "by document into training and evaluation: add documents to paths.raw (each section with a "
-                         "heading and an opening sentence gives a question), or questions to paths.questions")
+    _check_documents(qa, docs, min_documents)
     curated = qa.origin == 'curated'
-    held, per_doc, target = set(qa.source[curated].dropna()), qa.source.value_counts(), eval_share * len(qa)
-    for s in docs:
-        n = (curated | qa.source.isin(held)).sum()
-        if held and n >= target: break
-        if not held or n + per_doc[s] <= 2 * target: held.add(s)  # one that would double the share is left to train on
-    is_eval = curated | qa.source.isin(held)
+    is_eval = curated | qa.source.isin(_eval_documents(qa, docs, eval_share))
     if is_eval.all(): raise ValueError(f"all {len(docs)} documents hold curated questions, so none is left to train on")
     evl = pd.concat([qa[curated], qa[is_eval & ~curated]])
     return qa[~is_eval].reset_index(drop=True), evl.reset_index(drop=True)
@@ -308,3 +370,83 @@ def sft_example(qa:dict, # a row of `derive_qa`
     return {'prompt': rag_messages(qa['question'], passages),
             'completion': [{'role': 'assistant', 'content': qa['reference']}],
             'gold_retrieved': gold['chunk_id'] in ids}
+
+# %% ../nbs/08_dataset.ipynb #cell-058
+def sft_examples(train:pd.DataFrame, # the train split of `collect_questions`
+                 retriever, # a `Retriever` of the chunks the questions are about
+                 k:int=2 # passages in each prompt
+                )->list[dict]:
+    "`sft_example` for each training question, over the passages `retriever` returns for it."
+    by_id = retriever.chunks.set_index('chunk_id', drop=False)
+    return [sft_example(q, retriever.search(q['question'], k), by_id.loc[q['gold_chunk_ids'][0]].to_dict())
+            for q in tqdm(train.to_dict('records'), desc='retrieving', unit='question')]
+
+# %% ../nbs/08_dataset.ipynb #cell-052
+PROVENANCE = ['feedback_id', 'trace_id', 'model_version', 'reviewer', 'reviewed_at']
+
+def _provenance(r:dict # a reviewed feedback row
+               )->dict:
+    "Where a reviewed feedback row comes from, and who accepted it when."
+    return {p: r[p] for p in PROVENANCE}
+
+def _uses(r:dict # a reviewed feedback row with a correction
+         )->list[str]:
+    "What a correction becomes: a training example, and a regression question when rated down."
+    return ['train', 'regression'] if r['rating'] == 'down' else ['train']
+
+def feedback_rows(reviewed:list[dict], # accepted feedback, as `llmops-tpl repro` exports it
+                  search, # `search(question, k) -> passages`: the retriever
+                  k:int=2 # passages retrieved into each prompt
+                 )->tuple[list[dict], list[dict], list[dict], int]:
+    "Training examples, regression questions and provenance rows from `reviewed`, and the count unused."
+    fixes = [r for r in reviewed if r['correction']]
+    taught = [{'prompt': rag_messages(r['question'], search(r['question'], k)),
+               'completion': [{'role': 'assistant', 'content': r['correction']}]} for r in fixes]
+    regression = [{'question': r['question'], 'reference': r['correction'], 'gold_chunk_ids': [], **_provenance(r)}
+                  for r in fixes if r['rating'] == 'down']
+    origin = [{'use': use, **_provenance(r)} for r in fixes for use in _uses(r)]
+    return taught, regression, origin, len(reviewed) - len(fixes)
+
+# %% ../nbs/08_dataset.ipynb #cell-055
+EVAL_COLUMNS = ['question', 'reference', 'gold_chunk_ids', 'source', 'section', 'origin']
+
+def _write_jsonl(path:Path, # the file to write
+                 rows:list[dict], # one JSON object a line
+                 ensure_ascii:bool=True # escape non-ASCII characters
+                ):
+    "Write `rows` to `path` as JSON Lines."
+    path.write_text(''.join(json.dumps(r, ensure_ascii=ensure_ascii) + '\n' for r in rows))
+
+def write_dataset(dataset_dir:Path|str, # the dataset folder (`paths.dataset`), created
+                  examples:list[dict], # training examples, with `prompt` and `completion`
+                  evl:pd.DataFrame, # the eval questions, from `split_by_document`
+                  regression:list[dict], # the regression questions, from `feedback_rows`
+                  feedback:list[dict] # what each piece of feedback became, from `feedback_rows`
+                 ):
+    "Write `train.jsonl`, `eval.jsonl`, `regression.jsonl` and `feedback.jsonl` into `dataset_dir`."
+    dataset_dir = Path(dataset_dir)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(dataset_dir/'train.jsonl', [{'prompt': e['prompt'], 'completion': e['completion']} for e in examples])
+    evl[EVAL_COLUMNS].to_json(dataset_dir/'eval.jsonl', orient='records', lines=True)
+    _write_jsonl(dataset_dir/'regression.jsonl', regression, ensure_ascii=False)
+    _write_jsonl(dataset_dir/'feedback.jsonl', feedback, ensure_ascii=False)
+
+# %% ../nbs/08_dataset.ipynb #cell-056
+ORIGINS = ('section', 'api_entry', 'curated', 'generated')
+
+def dataset_metrics(train:pd.DataFrame, # the training questions, from `split_by_document`
+                    evl:pd.DataFrame, # the eval questions
+                    examples:list[dict], # the training examples of `train`, from `sft_example`
+                    taught:list[dict], # the training examples from feedback, from `feedback_rows`
+                    regression:list[dict], # the regression questions, from `feedback_rows`
+                    unused:int # reviewed feedback without a correction
+                   )->dict:
+    "The `dataset` stage's metrics: questions and documents per split and origin, and what feedback gave."
+    assert not set(train.source) & set(evl.source.dropna()), 'a document is in both splits'
+    counts = {f"{split}_questions_{o}": int((t.origin == o).sum()) for split, t in (('train', train), ('eval', evl))
+              for o in ORIGINS}
+    gold = sum(e['gold_retrieved'] for e in examples) / max(len(examples), 1)
+    return {'train_examples': len(examples) + len(taught), 'eval_questions': len(evl),
+            'train_documents': train.source.nunique(), 'eval_documents': evl.source.nunique(), **counts,
+            'train_gold_retrieved_at_k': round(gold, 4), 'feedback_train_examples': len(taught),
+            'regression_questions': len(regression), 'feedback_without_correction': unused}

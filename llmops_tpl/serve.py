@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from functools import partial
 from typing import Callable, Iterator
 
 import mlflow
@@ -128,23 +129,43 @@ def _completion(model:str, # the model name to report
             'model': model, 'choices': [{'index': 0, 'message': message, 'finish_reason': 'stop'}],
             **extras, 'usage': u}  # OpenAI's usage, whatever `extras` held
 
-def _sse(obj:dict)->str: return f"data: {json.dumps(obj, default=str)}\n\n"
+def _sse(obj:dict)->str:
+    "`obj` as one server-sent event."
+    return f"data: {json.dumps(obj, default=str)}\n\n"
+
+def _event_stream(events:Iterator[str] # server-sent events, from `_sse`
+                 )->StreamingResponse:
+    "A streamed HTTP response of server-sent `events`."
+    return StreamingResponse(events, media_type='text/event-stream')
+
+def _chunk(cid:str, # the completion's id, the same in every chunk
+           created:int, # when the completion started (Unix seconds)
+           model:str, # the model name to report
+           delta:dict, # what the chunk adds to the message
+           finish:str|None=None, # the finish reason, on the last chunk
+           extra:dict|None=None # top-level fields to add (the RAG extras)
+          )->str:
+    "One OpenAI `chat.completion.chunk` as a server-sent event."
+    return _sse({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model,
+                 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}], **(extra or {})})
+
+def _chunk_args(ev # a `ResponsesAgent` stream event (pydantic or a dict)
+               )->tuple|None:
+    "The delta, finish reason and extras of the chunk for `ev`; None for an event that makes no chunk."
+    ev = ev if isinstance(ev, dict) else ev.model_dump(exclude_none=True)
+    if ev.get('type') == 'response.output_text.delta': return {'content': ev['delta']}, None, None
+    if ev.get('type') == 'response.output_item.done': return {}, 'stop', ev.get('custom_outputs')
+    return None
 
 def chat_chunks(events:Iterator, # the agent's stream events (pydantic or dicts)
                 model:str # the model name to report
                )->Iterator[str]:
     "Server-sent events of OpenAI `chat.completion.chunk`s for a stream of `ResponsesAgent` events."
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    def chunk(delta, finish=None, **extra):
-        return _sse({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model,
-                     'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}], **extra})
+    chunk = partial(_chunk, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model)
     yield chunk({'role': 'assistant', 'content': ''})
     try:
         for ev in events:
-            ev = ev if isinstance(ev, dict) else ev.model_dump(exclude_none=True)
-            if ev.get('type') == 'response.output_text.delta': yield chunk({'content': ev['delta']})
-            elif ev.get('type') == 'response.output_item.done':
-                yield chunk({}, 'stop', **(ev.get('custom_outputs') or {}))
+            if (args := _chunk_args(ev)) is not None: yield chunk(*args)
     except Exception as e: yield _sse({'error': {'message': f"{type(e).__name__}: {e}", 'type': 'server_error'}})
     yield 'data: [DONE]\n\n'
 
@@ -198,6 +219,16 @@ def version_router(champion:Champion # the model served
     return router
 
 # %% ../nbs/12_serve.ipynb #cell-029
+async def _invoke(model, # the loaded pyfunc model
+                  body:dict # the request, checked
+                 ):
+    "MLflow's answer to `body`: the agent's events as server-sent events when `stream` is set."
+    if body.pop('stream', False):
+        agent = model.get_raw_model()
+        events = threaded(lambda: agent.predict_stream(body))
+        return _event_stream(_sse(e.model_dump(exclude_none=True)) for e in events)
+    return await run_in_threadpool(model.predict, body)
+
 def invocations_router(champion:Champion, # the model to serve
                        max_chars:int=4000 # longest question accepted (413 above it)
                       )->APIRouter:
@@ -208,17 +239,23 @@ def invocations_router(champion:Champion, # the model to serve
     async def invocations(request:Request):
         body = await read_body(request)
         check_messages(body.get('input'), max_chars)
-        model = champion.model
-        if body.pop('stream', False):
-            agent = model.get_raw_model()
-            events = threaded(lambda: agent.predict_stream(body))
-            return StreamingResponse((_sse(e.model_dump(exclude_none=True)) for e in events),
-                                     media_type='text/event-stream')
-        return await run_in_threadpool(model.predict, body)
+        return await _invoke(champion.model, body)
 
     return router
 
 # %% ../nbs/12_serve.ipynb #cell-030
+async def _agent_chat(agent, # the `ResponsesAgent` to ask
+                      name:str, # the model name to report
+                      req:dict, # the agent's request, checked
+                      stream:bool # whether to answer with chunks
+                     ):
+    "OpenAI's chat completion of the agent's answer to `req`, or its chunks when `stream`."
+    if stream:
+        events = threaded(lambda: agent.predict_stream(req))
+        return _event_stream(chat_chunks(events, name))
+    res = (await run_in_threadpool(agent.predict, req)).model_dump(exclude_none=True)
+    return _completion(name, res['output'][0]['content'][0]['text'], res.get('custom_outputs') or {})
+
 def chat_router(champion:Champion, # the model to serve
                 max_chars:int=4000 # longest question accepted (413 above it)
                )->APIRouter:
@@ -229,16 +266,33 @@ def chat_router(champion:Champion, # the model to serve
     async def chat(request:Request):
         body = await read_body(request)
         req = {'input': check_messages(body.get('messages'), max_chars)}
-        agent = champion.model.get_raw_model()
-        if body.get('stream'):
-            events = threaded(lambda: agent.predict_stream(req))
-            return StreamingResponse(chat_chunks(events, champion.name), media_type='text/event-stream')
-        res = (await run_in_threadpool(agent.predict, req)).model_dump(exclude_none=True)
-        return _completion(champion.name, res['output'][0]['content'][0]['text'], res.get('custom_outputs') or {})
+        return await _agent_chat(champion.model.get_raw_model(), champion.name, req, body.get('stream'))
 
     return router
 
 # %% ../nbs/12_serve.ipynb #cell-022
+def _max_tokens(body:dict # the request
+               )->int:
+    "The request's `max_completion_tokens` or `max_tokens` (128 when neither is set), at most 1024."
+    max_tokens = body.get('max_completion_tokens') or body.get('max_tokens') or 128
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError(422, 'max_tokens must be a positive integer')
+    return min(max_tokens, 1024)
+
+async def _llm_reply(llm, # the generator to ask (`LocalGenerator`, `OpenAIGenerator`)
+                     name:str, # the model name to report
+                     messages:list[dict], # the conversation, from `check_chat`
+                     max_tokens:int, # the longest answer, from `_max_tokens`
+                     body:dict # the request: `stream`, `response_format`
+                    ):
+    "OpenAI's chat completion of the generator's answer, or its chunks when `stream` is set."
+    if body.get('stream'):
+        events = threaded(lambda: text_events(llm.stream(messages, max_tokens)))
+        return _event_stream(chat_chunks(events, name))
+    json_mode = (body.get('response_format') or {}).get('type') in ('json_object', 'json_schema')
+    out = await run_in_threadpool(llm.complete, messages, max_tokens, json_mode)
+    return _completion(name, out['text'], {'usage': out})
+
 def llm_router(generator:Callable[[], object], # returns the generator to use now (`LocalGenerator`, `OpenAIGenerator`)
                name:str, # the model name to report
                max_chars:int=16000 # longest conversation accepted (413 above it)
@@ -250,16 +304,7 @@ def llm_router(generator:Callable[[], object], # returns the generator to use no
     async def llm_chat(request:Request):
         body = await read_body(request)
         messages, llm = check_chat(body.get('messages'), max_chars), generator()
-        max_tokens = body.get('max_completion_tokens') or body.get('max_tokens') or 128
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise RequestError(422, 'max_tokens must be a positive integer')
-        max_tokens = min(max_tokens, 1024)
-        if body.get('stream'):
-            events = threaded(lambda: text_events(llm.stream(messages, max_tokens)))
-            return StreamingResponse(chat_chunks(events, name), media_type='text/event-stream')
-        json_mode = (body.get('response_format') or {}).get('type') in ('json_object', 'json_schema')
-        out = await run_in_threadpool(llm.complete, messages, max_tokens, json_mode)
-        return _completion(name, out['text'], {'usage': out})
+        return await _llm_reply(llm, name, messages, _max_tokens(body), body)
 
     return router
 

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmops_tpl.examples import free_port
 from llmops_tpl.gateway import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +69,6 @@ def tracking_uri_stays_in_its_test():
     yield
     if before is None: os.environ.pop('MLFLOW_TRACKING_URI', None)
     else: os.environ['MLFLOW_TRACKING_URI'] = before
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def start(args, cwd, url, env=None, timeout=180, log=None):

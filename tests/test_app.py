@@ -10,7 +10,8 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import expect
 
-from conftest import BIN, free_port, read_json, run, start, stop
+from conftest import BIN, read_json, run, start, stop
+from llmops_tpl.examples import free_port
 from llmops_tpl.feedback import FEEDBACK, export_reviewed, open_store, read_table, review
 
 # one writer process: says it is ready, waits for the word to go, then appends its events as fast as it can

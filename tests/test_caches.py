@@ -75,8 +75,12 @@ def test_fine_tuning_run_key_changes_with_the_code_chat_template_data_or_a_setti
     (templated/'chat_template.jinja').unlink(missing_ok=True)
     (templated/'chat_template.jinja').write_text('{% for m in messages %}{{ m.content }}{% endfor %}')
     assert finetune.run_key(templated, train, {'lr': 1e-3}) != key, 'the chat template (same weights)'
+    with monkeypatch.context() as m:
+        m.setattr(finetune, 'finetune', edited(finetune.finetune, 'trainer.train(resume_from_checkpoint=last)',
+                                               'trainer.train(resume_from_checkpoint=last)  # a comment', tmp_path))
+        assert finetune.run_key(base, train, {'lr': 1e-3}) == key, 'a comment is not code: the run resumes'
     monkeypatch.setattr(finetune, 'finetune', edited(finetune.finetune, 'trainer.train(resume_from_checkpoint=last)',
-                                                     'trainer.train(resume_from_checkpoint=last)  # edited', tmp_path))
+                                                     'trainer.train(resume_from_checkpoint=last or None)', tmp_path))
     assert finetune.run_key(base, train, {'lr': 1e-3}) != key, 'one line of the training code'
 
 
@@ -98,7 +102,7 @@ def test_base_model_is_converted_again_when_the_converter_changes(base, tmp_path
     folder, prov = fetch_base_model(BASE, hub_dir)
     assert weights() == before, 'the same file and converter: not converted again'
     monkeypatch.setattr(hub, 'convert_gguf', edited(hub.convert_gguf, 'gguf, out_dir = Path(gguf), Path(out_dir)',
-                                                    'gguf, out_dir = Path(gguf), Path(out_dir)  # edited', tmp_path))
+                                                    'gguf, out_dir = Path(gguf).absolute(), Path(out_dir)', tmp_path))
     folder, again = fetch_base_model(BASE, hub_dir)
     assert weights() != before and again['converter_sha256'] != prov['converter_sha256'], 'a new converter converts again'
     assert again['weights_sha256'] == prov['weights_sha256'], 'and the conversion is deterministic'

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import BIN, free_port, read_json, run, start, stop
+from conftest import BIN, read_json, run, start, stop
+from llmops_tpl.examples import free_port
 from llmops_tpl.dataset import parse_generated
 from llmops_tpl.gateway import endpoint_usage, gateway_env, openai_base_url, plan_gateway, start_gateway
 from llmops_tpl.rag import GeneratorError, OpenAIGenerator
@@ -38,6 +39,8 @@ def gateway(small_project, server, tmp_path_factory):
         'vendor-down': {'provider': 'openai', 'model': 'gpt-4o-mini', 'key_env': 'TEST_VENDOR_KEY', 'api_base': f"http://127.0.0.1:{dead_port}/v1"},
         'budgeted': {'provider': 'openai', 'model': 'o1-pro', 'key_env': 'TEST_UNSET_KEY', 'budget_usd': 0.01, 'budget_per': 'day'},
         'limited': {'provider': 'selfhosted', 'path': '/llm/v1', 'model': 'llmops-tpl-rag-llm', 'rate_limit': '2/minute'}}
+    # the restart test's own budget and limit, so that no other test spends them first, in whatever order the tests run
+    params['gateway']['endpoints'] |= {'restart-' + name: params['gateway']['endpoints'][name] for name in ('budgeted', 'limited')}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     url = f"http://127.0.0.1:{gateway_port}"
     env = {'TEST_VENDOR_KEY': KEY, 'OPENAI_API_KEY': '', 'ANTHROPIC_API_KEY': ''}  # no real vendor: their endpoints run offline
@@ -193,16 +196,19 @@ def test_questions_written_by_the_gateway_llm_are_kept_by_passage(gateway, small
 
 
 def test_configuration_survives_a_restart(gateway, small_project):
+    ask(gateway, 'restart-budgeted', LONG_QUESTION)  # this request alone spends the budget
+    with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):
+        ask(gateway, 'restart-budgeted', LONG_QUESTION)
     stop(gateway['proc'])
     port = int(gateway['url'].rsplit(':', 1)[1])
     gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlartifacts', port=port,  # the server alone: nothing re-applied
                                     env=gateway_env(gateway['plans']), log=open(gateway['logs']/'gateway.log', 'a'))
     assert ask(gateway, 'openai-chat').choices[0].message.content
     with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):  # the spend was recorded: the budget still holds
-        ask(gateway, 'budgeted', LONG_QUESTION)
-    for _ in range(2): ask(gateway, 'limited')
+        ask(gateway, 'restart-budgeted', LONG_QUESTION)
+    for _ in range(2): ask(gateway, 'restart-limited')
     with pytest.raises(openai.RateLimitError, match='2/minute'):
-        ask(gateway, 'limited')
+        ask(gateway, 'restart-limited')
 
 
 def test_the_key_is_stored_encrypted_and_written_nowhere(gateway, small_project):

@@ -35,7 +35,7 @@ def test_dataset_splits_by_document_and_cites_sources(small_project):
 
 def test_finetune_run_is_logged_to_mlflow_with_its_lineage(small_project):
     m = read_json(small_project/'metrics'/'finetune.json')
-    assert m['steps'] == 2 and m['truncated_examples'] == 0
+    assert m['steps'] == 2 and m['truncated_examples'] == 0 and m['reused'] is False, 'a fresh project trains'
     assert (small_project/'models'/'adapter'/'adapter_config.json').exists()
     client = mlflow.MlflowClient(f"sqlite:///{small_project/'mlflow.db'}")
     run = client.get_run(m['mlflow_run_id'])

@@ -4,7 +4,10 @@ import filecmp
 import json
 import re
 import shutil
+import statistics
+import sys
 from configparser import ConfigParser
+from importlib.metadata import packages_distributions
 
 import pandas as pd
 import yaml
@@ -23,9 +26,9 @@ def test_nbdev_export_leaves_no_diff(tmp_path):
     assert not (cmp.diff_files or cmp.left_only or cmp.right_only), (cmp.diff_files, cmp.left_only, cmp.right_only)
 
 
-def _settings_requirements():
+def _settings_requirements(keys=('requirements', 'dev_requirements')):
     cfg = ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini')
-    return set(cfg['DEFAULT']['requirements'].split() + cfg['DEFAULT']['dev_requirements'].split())
+    return {r for key in keys for r in cfg['DEFAULT'][key].split()}
 
 
 def test_environment_yml_matches_settings_ini():
@@ -75,13 +78,39 @@ def test_dvc_stage_deps_list_exactly_the_modules_their_notebooks_import():
 
 
 def test_package_functions_are_short_and_docstrings_one_short_line():
-    long_bodies, long_docs = [], []
+    bodies, long_docs = {}, []
     for path in sorted((ROOT/'llmops_tpl').glob('*.py')):
         for node in ast.walk(ast.parse(path.read_text())):
             doc = ast.get_docstring(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else None
             if doc and (len(doc) > 100 or '\n' in doc): long_docs.append(f"{path.name}:{node.name}")
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 body = node.body[1:] if doc is not None else node.body
-                if body and body[-1].end_lineno - body[0].lineno + 1 > 40: long_bodies.append(f"{path.name}:{node.name}")
-    assert not long_bodies, f"functions over 40 lines: {long_bodies}"
+                bodies[f"{path.name}:{node.lineno}:{node.name}"] = body[-1].end_lineno - body[0].lineno + 1 if body else 0
+    assert not [f for f, n in bodies.items() if n > 40], f"functions over 40 lines: {[f for f, n in bodies.items() if n > 40]}"
+    p90 = statistics.quantiles(bodies.values(), n=10)[8]
+    assert p90 <= 12, f"p90 of function bodies is {p90} lines; the longest: {sorted(bodies.items(), key=lambda x: -x[1])[:10]}"
     assert not long_docs, f"docstrings over one line of 100 characters: {long_docs}"
+
+
+def test_code_lines_are_at_most_120_characters():
+    "The package (but nbdev's generated `__all__`) and the notebooks' code cells."
+    long = [f"{p.name}:{i}" for p in sorted((ROOT/'llmops_tpl').glob('*.py')) if p.name != '_modidx.py'
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120 and not line.startswith('__all__')]
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')):
+        cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+        long += [f"{nb.name}:{c['id']}" for c in cells for line in ''.join(c['source']).splitlines() if len(line) > 120]
+    assert not long, f"lines over 120 characters: {long}"
+
+
+def test_every_package_the_package_imports_is_declared():
+    "Each third-party module that `llmops_tpl` imports (at the top or in a function) belongs to a requirement in settings.ini."
+    imported = set()
+    for path in (ROOT/'llmops_tpl').glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import): imported |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0: imported.add(node.module.split('.')[0])
+    declared = {re.split(r'[=<>\[]', r)[0].lower().replace('_', '-') for r in _settings_requirements(['requirements'])}
+    dists = packages_distributions()
+    undeclared = {m: dists.get(m) for m in imported - set(sys.stdlib_module_names) - {'llmops_tpl'}
+                  if not {d.lower().replace('_', '-') for d in dists.get(m, [])} & declared}
+    assert not undeclared, f"imported but not declared in settings.ini (module: its distributions): {undeclared}"

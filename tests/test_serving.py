@@ -10,7 +10,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import BIN, free_port, read_json, run, start, stop
+from conftest import BIN, read_json, run, start, stop
+from llmops_tpl.examples import free_port
 
 MODEL = 'llmops-tpl-rag'
 
