@@ -80,10 +80,13 @@ def _without_docstrings(tree:ast.AST)->ast.AST:
             node.body = body[1:] or [ast.Pass()]
     return tree
 
-def code_text(source:str # Python source
+def code_text(source:str # Python source, maybe indented (a method's)
              )->str:
-    "The syntax tree of `source` without docstrings: the same when only comments or layout change."
-    return ast.dump(_without_docstrings(ast.parse(textwrap.dedent(source))))
+    "The syntax tree of `source` without docstrings: unchanged by docstrings, comments and layout."
+    source = textwrap.dedent(source)
+    try: tree = ast.parse(source)
+    except IndentationError: tree = ast.parse('if 1:\n' + source)  # a method with a less indented continuation line
+    return ast.dump(_without_docstrings(tree))
 
 def _code(obj)->str:
     "The code of a function or module, or of a class its name and its methods' code."
@@ -139,7 +142,7 @@ class StageOutputs:
 
     def tracking_uri(self, uri:str|None # the stage's tracking URI; None: a SQLite store in `dir`
                     )->str:
-        "`uri`, or a throwaway SQLite store in the outputs' folder."
+        "`uri`, or a SQLite store in the outputs' folder."
         return uri or f"sqlite:///{self.dir/'mlflow.db'}"
 
     def cleanup(self):

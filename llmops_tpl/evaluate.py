@@ -253,6 +253,8 @@ class Variants:
     timeout:float=180.0 # seconds a gateway call may take
     max_retries:int=2 # retries of a failed gateway call, with backoff
 
+    def __post_init__(self): self.retriever  # a missing index or another embedder fails here, before any answer
+
     @cached_property
     def retriever(self)->Retriever:
         "The index's retriever, loaded once."

