@@ -94,15 +94,16 @@ def span_names(gateway, trace_id):
 
 
 def test_openai_client_answers_through_the_gateway_with_usage_and_cost(gateway):
+    earlier = len(settled(gateway, 'openai-chat', 0))  # other tests' requests to this endpoint
     vendor = ask(gateway, 'openai-chat')  # no OPENAI_API_KEY: the self-hosted LLM stands in for the vendor
     assert vendor.choices[0].message.content and vendor.usage.prompt_tokens > 0
     rag = ask(gateway, 'champion')
     assert rag.choices[0].message.content
     streamed = ''.join(c.choices[0].delta.content or '' for c in ask(gateway, 'champion-llm', stream=True) if c.choices)
     assert streamed.strip()
-    usage = traces(gateway, 'openai-chat', 1, priced=True)
-    assert usage.state.tolist() == ['OK'] and usage.input_tokens[0] == vendor.usage.prompt_tokens
-    assert usage.cost_usd[0] > 0, 'priced as gpt-4o-mini'
+    usage = traces(gateway, 'openai-chat', earlier + 1, priced=True).iloc[earlier:]
+    assert usage.state.tolist() == ['OK'] and usage.input_tokens.iloc[0] == vendor.usage.prompt_tokens
+    assert usage.cost_usd.iloc[0] > 0, 'priced as gpt-4o-mini'
 
 
 def test_the_app_chats_with_the_champion_through_the_gateway(gateway, small_project, approved):
@@ -199,6 +200,7 @@ def test_configuration_survives_a_restart(gateway, small_project):
     ask(gateway, 'restart-budgeted', LONG_QUESTION)  # this request alone spends the budget
     with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):
         ask(gateway, 'restart-budgeted', LONG_QUESTION)
+    traces(gateway, 'restart-budgeted', 1, priced=True)  # the spend is in the store, not only in the server's memory
     stop(gateway['proc'])
     port = int(gateway['url'].rsplit(':', 1)[1])
     gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlartifacts', port=port,  # the server alone: nothing re-applied

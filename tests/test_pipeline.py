@@ -68,33 +68,35 @@ def test_second_repro_is_a_fast_noop(small_project):
 
 
 @pytest.fixture(scope='module')
-def refreshed(small_project):
-    "The project after one document changed, one was deleted and the bad-input fixtures were added; with the chunks before and after."
-    before = pd.read_parquet(small_project/'data'/'chunks.parquet')
-    raw = small_project/'data'/'raw'
+def refreshed(small_project, tmp_path_factory):
+    "A copy of the project after one document changed, one was deleted and the bad-input fixtures were added; with the chunks before and after."
+    project = tmp_path_factory.mktemp('refreshed')/'project'
+    shutil.copytree(small_project, project, symlinks=True)  # the shared project stays as the other tests expect it
+    before = pd.read_parquet(project/'data'/'chunks.parquet')
+    raw = project/'data'/'raw'
     with open(raw/'background.md', 'a') as f: f.write('\n## Retrying a task\n\nA section added by the refresh test, about retries.\n')
     (raw/'applications.md').unlink()
     shutil.copytree(ROOT/'tests'/'fixtures'/'corpus', raw/'fixtures')
     (raw/'fixtures'/'big.md').write_text('# Big\n\n' + 'a large file of repeated words. ' * 4000)  # ~128 KB > max_file_mb
-    run([BIN/'dvc', 'repro', 'index'], small_project)  # the stages after it are not this test's subject
-    return before, pd.read_parquet(small_project/'data'/'chunks.parquet')
+    run([BIN/'dvc', 'repro', 'index'], project)  # the stages after it are not this test's subject
+    return project, before, pd.read_parquet(project/'data'/'chunks.parquet')
 
 
-def test_incremental_refresh_embeds_only_changed_chunks(small_project, refreshed):
-    before, after = refreshed
+def test_incremental_refresh_embeds_only_changed_chunks(refreshed):
+    project, before, after = refreshed
     old, new = set(before.content_hash), set(after.content_hash)
-    idx = read_json(small_project/'metrics'/'index.json')
+    idx = read_json(project/'metrics'/'index.json')
     assert idx['cache_embedded'] == len(new - old) and idx['cache_dropped'] == len(old - new)
     assert 0 < idx['cache_embedded'] < 0.2 * len(new)
     assert idx['cache_reused'] == len(new & old) and idx['chunks'] == len(after)
     assert 'applications.md' in set(before.source) - set(after.source)
 
 
-def test_bad_input_is_counted_not_fatal(small_project, refreshed):
-    prep = read_json(small_project/'metrics'/'prepare.json')
+def test_bad_input_is_counted_not_fatal(refreshed):
+    project, _, after = refreshed
+    prep = read_json(project/'metrics'/'prepare.json')
     assert {k: prep[f"files_{k}"] for k in ['empty', 'binary', 'unsupported', 'unreadable', 'undecodable', 'truncated']} == \
            dict(empty=1, binary=1, unsupported=1, unreadable=1, undecodable=1, truncated=1)
-    _, after = refreshed
     assert {'fixtures/latin1.txt', 'fixtures/big.md', 'fixtures/evaluation.pdf'} <= set(after.source)
     assert not {'fixtures/empty.md', 'fixtures/image.txt', 'fixtures/notes.docx', 'fixtures/broken.pdf'} & set(after.source)
 
@@ -120,9 +122,10 @@ def test_fresh_clone_pulls_the_exact_corpus_from_a_dvc_remote(small_project, tmp
     assert files(clone/'data'/'raw') == files(small_project/'data'/'raw')
 
 
-def test_reviewed_feedback_reaches_the_next_round_scrubbed_with_provenance(small_project, refreshed, tmp_path):
+def test_reviewed_feedback_reaches_the_next_round_scrubbed_with_provenance(refreshed, tmp_path):
     "An accepted correction becomes a training example and a regression question; unreviewed feedback does not; personal data is scrubbed."
     from llmops_tpl.feedback import add_feedback, open_store, review
+    small_project = refreshed[0]  # a copy: the new round's data stays out of the shared project
     store_url = f"sqlite:///{tmp_path/'feedback.db'}"
     store = open_store(store_url)
     fid = add_feedback(store, 'How do I parse JSON text? Mail me at ana@example.com', 'No idea.', 'down', 'unhelpful',
