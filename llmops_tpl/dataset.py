@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['API_QUESTIONS', 'GENERIC', 'IMPERATIVE', 'HOW', 'WHAT_CODE', 'ABOUT', 'QA_COLUMNS', 'GENERATION_PROMPT',
            'SYSTEM_PROMPT', 'PROVENANCE', 'EVAL_COLUMNS', 'ORIGINS', 'first_sentence', 'qa_from_chunk', 'question_for',
-           'opening_span', 'qa_from_section', 'derive_qa', 'gold_chunk_ids', 'read_curated', 'generation_messages',
-           'parse_generated', 'generate_qa', 'split_by_document', 'collect_questions', 'rag_messages', 'sft_example',
-           'sft_examples', 'feedback_rows', 'write_dataset', 'dataset_metrics']
+           'intent_question', 'opening_span', 'qa_from_section', 'derive_qa', 'gold_chunk_ids', 'read_curated',
+           'generation_messages', 'parse_generated', 'generate_qa', 'split_by_document', 'collect_questions',
+           'rag_messages', 'sft_example', 'sft_examples', 'feedback_rows', 'write_dataset', 'dataset_metrics']
 
 # %% ../nbs/08_dataset.ipynb #cell-001
 import hashlib
@@ -119,6 +119,19 @@ def question_for(heading:str, # a section's heading
     if h.lower() in GENERIC: return GENERIC[h.lower()].format(t=topic)
     return _task_question(h, key) or _thing_question(h, topic, key)
 
+# %% ../nbs/08_dataset.ipynb #cell-061
+_INTENT = re.compile(r"\b(?:you can|you may|you might want to|lets you|allows you to|enables you to"
+                     r"|makes it possible to)\s+(?:also\s+|easily\s+|now\s+)?(?P<task>[^.;:!?]+)", re.I)
+_MINE = {'you': 'me', 'your': 'my', 'yours': 'mine', 'yourself': 'myself'}
+
+def intent_question(answer:str # a section's opening sentences
+                   )->str|None:
+    "'How can I ...?' when `answer` says what it lets a user do; None otherwise."
+    m = _INTENT.search(answer)
+    task = re.split(r',| (?:with|by|using|via|through) (?:the|a|an|its|this) ', m['task'])[0].split() if m else []
+    mine = ' '.join(_MINE.get(w.lower(), w) for w in task)
+    return f"How can I {mine}?" if 3 <= len(task) <= 16 else None
+
 # %% ../nbs/08_dataset.ipynb #cell-013
 _NOT_PROSE = re.compile(r'^\s*(```|~~~|\.\. |:[\w-]+:|\||<|!\[|\[!|\{|[-*+] |\d+\. |Signature:|[-=*_]{3,}\s*$)')
 
@@ -160,7 +173,8 @@ def qa_from_section(chunk:dict # a row of the chunk table
     span = opening_span(chunk['text'][at:])
     if not (question and span): return None
     answer = ' '.join(chunk['text'][at + span[0]:at + span[1]].split())
-    return {'question': question, 'reference': f"{answer} [source: {chunk['source']}]", 'source': chunk['source'],
+    return {'question': intent_question(answer) or question, 'reference': f"{answer} [source: {chunk['source']}]",
+            'source': chunk['source'],
             'section': chunk['section'], 'answer_start': chunk['start'] + at + span[0], 'origin': 'section'}
 
 # %% ../nbs/08_dataset.ipynb #cell-018

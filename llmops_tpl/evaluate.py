@@ -228,9 +228,10 @@ def regression_questions(path:Path|str # the regression set (`regression.jsonl`)
 # %% ../nbs/14_evaluate.ipynb #cell-029
 def index_sha256(index_dir:Path|str # an index folder (`build_index`)
                 )->str:
-    "A hash of an index: its vectors and its chunk table."
-    vectors, chunks = file_sha256(Path(index_dir)/'hnsw.bin'), file_sha256(Path(index_dir)/'chunks.parquet')
-    return hashlib.sha256((vectors + chunks).encode()).hexdigest()
+    "A hash of an index: every file of its folder (graphs, chunks, summaries, BM25, manifest)."
+    paths = [p for p in sorted(Path(index_dir).rglob('*')) if p.is_file()]
+    files = [(p.relative_to(index_dir).as_posix(), file_sha256(p)) for p in paths]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 def _check_variant(name:str, adapter_dir):
     if name not in ('base', 'finetuned', 'api'):
