@@ -121,13 +121,14 @@ def question_for(heading:str, # a section's heading
 
 # %% ../nbs/08_dataset.ipynb #cell-061
 _INTENT = re.compile(r"\b(?:you can|you may|you might want to|lets you|allows you to|enables you to"
-                     r"|makes it possible to)\s+(?:also\s+|easily\s+|now\s+)?(?P<task>[^.;:!?]+)", re.I)
+                     r"|makes it possible to)\s+(?:also\s+|easily\s+|now\s+)?(?:want to\s+|need to\s+)?"
+                     r"(?P<task>[^.;:!?]+)", re.I)
 _MINE = {'you': 'me', 'your': 'my', 'yours': 'mine', 'yourself': 'myself'}
 
 def intent_question(answer:str # a section's opening sentences
                    )->str|None:
     "'How can I ...?' when `answer` says what it lets a user do; None otherwise."
-    m = _INTENT.search(answer)
+    m = _INTENT.search(re.sub(r'\[([^\]]+)\]\([^)]*\)', r'\1', answer))  # a link's text, not its target
     task = re.split(r',| (?:with|by|using|via|through) (?:the|a|an|its|this) ', m['task'])[0].split() if m else []
     mine = ' '.join(_MINE.get(w.lower(), w) for w in task)
     return f"How can I {mine}?" if 3 <= len(task) <= 16 else None

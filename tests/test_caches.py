@@ -85,11 +85,12 @@ def test_fine_tuning_run_key_changes_with_the_code_chat_template_data_or_a_setti
 def test_embedding_cache_misses_when_the_embedding_code_changes(tmp_path, monkeypatch):
     chunks = pd.read_parquet(ROOT/'tests'/'fixtures'/'chunks.parquet')
     build = lambda: index.build_index(chunks, tmp_path/'index', tmp_path/'embed_cache', EMBEDDER)['cache']
-    assert build()['embedded'] == len(chunks)
-    assert build() == {'embedded': 0, 'reused': len(chunks), 'dropped': 0}, 'unchanged: every vector from the cache'
+    texts = len(chunks) + len(index.section_summaries(chunks))  # the chunks and their sections' summaries
+    assert build()['embedded'] == texts
+    assert build() == {'embedded': 0, 'reused': texts, 'dropped': 0}, 'unchanged: every vector from the cache'
     monkeypatch.setattr(index, 'embed_with_cache', edited(index.embed_with_cache, 'batch_size=batch_size,',
                                                           'batch_size=batch_size, show_progress_bar=False,', tmp_path))
-    assert build()['embedded'] == len(chunks), 'one line of the embedding code: every text embedded again'
+    assert build()['embedded'] == texts, 'one line of the embedding code: every text embedded again'
 
 
 def test_base_model_is_converted_again_when_the_converter_changes(base, tmp_path, monkeypatch):

@@ -28,12 +28,20 @@ GOLD = [
 ]
 
 
+def embedded_texts(project):
+    "Content hashes of what the project's index embedded: its chunks and its sections' summaries."
+    index = project/'data'/'index'
+    hashes = lambda name: set(pd.read_parquet(index/name).content_hash)
+    return hashes('chunks.parquet') | hashes('summaries.parquet')
+
+
 def test_fresh_clone_builds_corpus_chunks_and_index(small_project):
     prep, idx = read_json(small_project/'metrics'/'prepare.json'), read_json(small_project/'metrics'/'index.json')
     chunks = pd.read_parquet(small_project/'data'/'chunks.parquet')
     assert set(chunks.source) == {p.name for p in OWN_CORPUS.iterdir()}
     assert prep['chunks'] == len(chunks) == idx['chunks'] > 100
-    assert idx['cache_embedded'] == chunks.content_hash.nunique() and idx['cache_reused'] == 0
+    assert idx['cache_embedded'] == len(embedded_texts(small_project)) > len(chunks) and idx['cache_reused'] == 0
+    assert 0 < idx['summaries'] < len(chunks), 'a summary for each section, fewer than its chunks'
     assert chunks.chunk_id.is_unique and chunks.n_tokens.max() <= 200
     assert (small_project/'reports'/'prepare.ipynb').exists() and (small_project/'plots'/'chunk_lengths.png').stat().st_size > 1000
     dvc_file = yaml.safe_load((small_project/'data.dvc').read_text())['outs'][0]
@@ -70,22 +78,22 @@ def test_second_repro_is_a_fast_noop(small_project):
 
 @pytest.fixture(scope='module')
 def refreshed(small_project, tmp_path_factory):
-    "A copy of the project after one document changed, one was deleted and the bad-input fixtures were added; with the chunks before and after."
+    "A copy of the project refreshed (a document changed, one deleted, bad inputs added); its chunks before and after, what it embedded before."
     project = tmp_path_factory.mktemp('refreshed')/'project'
     shutil.copytree(small_project, project, symlinks=True)  # the shared project stays as the other tests expect it
-    before = pd.read_parquet(project/'data'/'chunks.parquet')
+    before, embedded_before = pd.read_parquet(project/'data'/'chunks.parquet'), embedded_texts(project)
     raw = project/'data'/'raw'
     with open(raw/'background.md', 'a') as f: f.write('\n## Retrying a task\n\nA section added by the refresh test, about retries.\n')
     (raw/'applications.md').unlink()
     shutil.copytree(ROOT/'tests'/'fixtures'/'corpus', raw/'fixtures')
     (raw/'fixtures'/'big.md').write_text('# Big\n\n' + 'a large file of repeated words. ' * 4000)  # ~128 KB > max_file_mb
     run([BIN/'dvc', 'repro', 'index'], project)  # the stages after it are not this test's subject
-    return project, before, pd.read_parquet(project/'data'/'chunks.parquet')
+    return project, before, pd.read_parquet(project/'data'/'chunks.parquet'), embedded_before
 
 
 def test_incremental_refresh_embeds_only_changed_chunks(refreshed):
-    project, before, after = refreshed
-    old, new = set(before.content_hash), set(after.content_hash)
+    project, before, after, embedded_before = refreshed
+    old, new = embedded_before, embedded_texts(project)  # chunks and summaries
     idx = read_json(project/'metrics'/'index.json')
     assert idx['cache_embedded'] == len(new - old) and idx['cache_dropped'] == len(old - new)
     assert 0 < idx['cache_embedded'] < 0.2 * len(new)
@@ -94,7 +102,7 @@ def test_incremental_refresh_embeds_only_changed_chunks(refreshed):
 
 
 def test_bad_input_is_counted_not_fatal(refreshed):
-    project, _, after = refreshed
+    project, _, after, _ = refreshed
     prep = read_json(project/'metrics'/'prepare.json')
     assert {k: prep[f"files_{k}"] for k in ['empty', 'binary', 'unsupported', 'unreadable', 'undecodable', 'truncated']} == \
            dict(empty=1, binary=1, unsupported=1, unreadable=1, undecodable=1, truncated=1)
