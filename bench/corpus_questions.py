@@ -24,10 +24,10 @@ from llmops_tpl.models import load_embedder
 
 
 def scores(retriever, evl, k):
-    "hit@1, hit@k and MRR@10 of `retriever` on the eval questions."
-    ranked = [[h['chunk_id'] for h in retriever.search(q, 10)] for q in evl.question]
-    hit = lambda n: round(sum(bool(set(r[:n]) & set(g)) for r, g in zip(ranked, evl.gold_chunk_ids)) / len(evl), 3)
-    return {'hit@1': hit(1), f"hit@{k}": hit(k), 'MRR@10': round(sum(map(reciprocal_rank, ranked, evl.gold_chunk_ids)) / len(evl), 3)}
+    "hit@1 and hit@k of `retriever` searching 1 and k chunks (as serving does: a deeper search fuses more candidates), and MRR@10."
+    ranked = lambda n: [[h['chunk_id'] for h in retriever.search(q, n)] for q in evl.question]
+    hit = lambda n: round(sum(bool(set(r) & set(g)) for r, g in zip(ranked(n), evl.gold_chunk_ids)) / len(evl), 3)
+    return {'hit@1': hit(1), f"hit@{k}": hit(k), 'MRR@10': round(sum(map(reciprocal_rank, ranked(10), evl.gold_chunk_ids)) / len(evl), 3)}
 
 
 def measure(corpus, questions, k, kinds, cache, p):
