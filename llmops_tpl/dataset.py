@@ -124,14 +124,16 @@ _INTENT = re.compile(r"\b(?:you can|you may|you might want to|lets you|allows yo
                      r"|makes it possible to)\s+(?:also\s+|easily\s+|now\s+)?(?:want to\s+|need to\s+)?"
                      r"(?P<task>[^.;:!?]+)", re.I)
 _MINE = {'you': 'me', 'your': 'my', 'yours': 'mine', 'yourself': 'myself'}
+_CONTEXT = {'it', 'its', 'this', 'these', 'that', 'those', 'them', 'they'}
 
 def intent_question(answer:str # a section's opening sentences
                    )->str|None:
     "'How can I ...?' when `answer` says what it lets a user do; None otherwise."
     m = _INTENT.search(re.sub(r'\[([^\]]+)\]\([^)]*\)', r'\1', answer))  # a link's text, not its target
     task = re.split(r',| (?:with|by|using|via|through) (?:the|a|an|its|this) ', m['task'])[0].split() if m else []
+    vague = _CONTEXT & {w.lower() for w in task}  # "implement it yourself": what "it" is, the heading says
     mine = ' '.join(_MINE.get(w.lower(), w) for w in task)
-    return f"How can I {mine}?" if 3 <= len(task) <= 16 else None
+    return f"How can I {mine}?" if 3 <= len(task) <= 16 and not vague else None
 
 # %% ../nbs/08_dataset.ipynb #cell-013
 _NOT_PROSE = re.compile(r'^\s*(```|~~~|\.\. |:[\w-]+:|\||<|!\[|\[!|\{|[-*+] |\d+\. |Signature:|[-=*_]{3,}\s*$)')
