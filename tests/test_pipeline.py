@@ -118,17 +118,19 @@ def test_chunk_size_beyond_the_embedder_fails_clearly(tmp_path):
 
 
 def test_fresh_clone_pulls_the_exact_corpus_from_a_dvc_remote(small_project, tmp_path):
+    project = tmp_path/'project'  # a copy: the remote and its commit stay out of the shared project
+    shutil.copytree(small_project, project, symlinks=True)
     remote = tmp_path/'remote'
-    run([BIN/'dvc', 'remote', 'add', '-d', 'storage', str(remote)], small_project)
-    run([BIN/'dvc', 'commit', '-f', 'data.dvc'], small_project)
-    run([BIN/'dvc', 'push', 'data.dvc'], small_project)
-    run(['git', 'add', '-A'], small_project)
-    run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'remote'], small_project)
+    run([BIN/'dvc', 'remote', 'add', '-d', 'storage', str(remote)], project)
+    run([BIN/'dvc', 'commit', '-f', 'data.dvc'], project)
+    run([BIN/'dvc', 'push', 'data.dvc'], project)
+    run(['git', 'add', '-A'], project)
+    run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'remote'], project)
     clone = tmp_path/'clone'
-    run(['git', 'clone', '-q', str(small_project), str(clone)], tmp_path)
+    run(['git', 'clone', '-q', str(project), str(clone)], tmp_path)
     assert run([BIN/'llmops-tpl', 'corpus'], clone).stdout.startswith('corpus pulled')
     files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob('*') if p.is_file()}
-    assert files(clone/'data'/'raw') == files(small_project/'data'/'raw')
+    assert files(clone/'data'/'raw') == files(project/'data'/'raw')
 
 
 def test_reviewed_feedback_reaches_the_next_round_scrubbed_with_provenance(refreshed, tmp_path):
