@@ -3,6 +3,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 NODEPS := $(shell sed -n 's/^nodeps_requirements *= *//p' settings.ini)
+CONVERT := .venv-convert
+CONVERT_REQS := $(shell sed -n 's/^convert_requirements *= *//p' settings.ini)
+CONVERT_NODEPS := $(shell sed -n 's/^convert_nodeps_requirements *= *//p' settings.ini)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/llmops-tpl: settings.ini setup.py
@@ -12,8 +15,16 @@ $(BIN)/llmops-tpl: settings.ini setup.py
 	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 	touch $@
 
+# the exporter's own environment: it converts the fine-tuned model for the inference engine (paths.convert_env)
+$(CONVERT)/bin/optimum-cli: settings.ini
+	$(PYTHON) -m venv $(CONVERT)
+	$(CONVERT)/bin/pip install --quiet --upgrade pip
+	$(CONVERT)/bin/pip install --quiet $(CONVERT_REQS)
+	$(CONVERT)/bin/pip install --quiet --no-deps $(CONVERT_NODEPS)
+	touch $@
+
 .PHONY: install system repro test lab app
-install: $(BIN)/llmops-tpl
+install: $(BIN)/llmops-tpl $(CONVERT)/bin/optimum-cli
 
 # Debian's Chromium and a font (the app's browser tests) and PostgreSQL (the feedback store's server test); elsewhere those tests are skipped
 system:
