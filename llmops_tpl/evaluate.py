@@ -34,13 +34,15 @@ with warnings.catch_warnings():  # ragas 0.4.3 has the ID-based metrics only in 
     from ragas.metrics import IDBasedContextPrecision, IDBasedContextRecall
 
 import llmops_tpl.dataset
+import llmops_tpl.engine
 import llmops_tpl.index
 import llmops_tpl.rag
 from .config import code_sha256
 from .gateway import endpoint_identity, openai_base_url
 from .hub import file_sha256, model_files_sha256, weights_sha256
 from .index import Retriever
-from .rag import LocalGenerator, OpenAIGenerator, RAGChain, cited_sources, load_generator, token_f1
+from .engine import generator_identity, local_generator
+from .rag import OpenAIGenerator, RAGChain, cited_sources, load_generator, token_f1
 
 # %% ../nbs/14_evaluate.ipynb #cell-005
 class LocalEmbeddings(BaseRagasEmbedding):
@@ -156,12 +158,14 @@ def judge_rows(rows:pd.DataFrame, # answered questions (`answer_all`): question,
     return pd.concat([rows, pd.DataFrame(verdicts, index=rows.index)], axis=1)
 
 # %% ../nbs/14_evaluate.ipynb #cell-023
-_PACKAGES = ('torch', 'transformers', 'peft', 'sentence-transformers', 'hnswlib', 'bm25s', 'ragas', 'openai')
+_PACKAGES = ('torch', 'transformers', 'peft', 'sentence-transformers', 'hnswlib', 'bm25s', 'ragas', 'openai',
+             'openvino', 'openvino-genai')
 
 def answering_code()->str:
     "A hash of the code that retrieves, prompts, generates and scores, and of the packages it calls."
-    return code_sha256(llmops_tpl.index, llmops_tpl.rag, llmops_tpl.dataset.rag_messages, load_generator, answer_all,
-                       score_rows, reciprocal_rank, _ragas_scores, LocalEmbeddings, packages=_PACKAGES)
+    return code_sha256(llmops_tpl.index, llmops_tpl.rag, llmops_tpl.engine, llmops_tpl.dataset.rag_messages,
+                       load_generator, answer_all, score_rows, reciprocal_rank, _ragas_scores, LocalEmbeddings,
+                       packages=_PACKAGES)
 
 def variant_key(identity:dict, # what the variant is: generator, weights hashes, settings
                 rows:list[dict], # the questions (and, for the judge, the answers)
@@ -253,6 +257,10 @@ class Variants:
     api_endpoint:str='' # the gateway endpoint `api` calls
     timeout:float=180.0 # seconds a gateway call may take
     max_retries:int=2 # retries of a failed gateway call, with backoff
+    engine:str='transformers' # what runs base and finetuned (`rag.engine`): openvino or transformers
+    engine_dir:Path|None=None # for openvino: where converted models are kept (`paths.engine`)
+    convert_env:Path|None=None # for openvino: the exporter's environment (`paths.convert_env`)
+    quantization:str='int8' # for openvino: the weight format (`rag.quantization`)
 
     def __post_init__(self): self.retriever  # a missing index or another embedder fails here, before any answer
 
@@ -269,7 +277,8 @@ class Variants:
         if name == 'api': return {**common, 'gateway_endpoint': self.api_endpoint,
                                   'behind': endpoint_identity(self.gateway_url, self.api_endpoint)}
         adapter = self.adapter_dir if name == 'finetuned' else None
-        return {**common, 'base_weights_sha256': self.base['weights_sha256'],
+        return {**common, **generator_identity(self.engine, self.quantization, self.convert_env),
+                'base_weights_sha256': self.base['weights_sha256'],
                 'base_files_sha256': model_files_sha256(self.base_dir),
                 'adapter_sha256': adapter and [weights_sha256(adapter), model_files_sha256(adapter)]}
 
@@ -278,7 +287,8 @@ class Variants:
         "The variant's RAG chain over the shared retriever."
         if name == 'api': generator = OpenAIGenerator(openai_base_url(self.gateway_url), self.api_endpoint,
                                                       timeout=self.timeout, max_retries=self.max_retries)
-        else: generator = LocalGenerator(self.base_dir, self.adapter_dir if name == 'finetuned' else None)
+        else: generator = local_generator(self.engine, self.base_dir, self.adapter_dir if name == 'finetuned' else None,
+                                          self.engine_dir, self.convert_env, self.quantization)
         return RAGChain(self.retriever, generator, self.k, self.max_new_tokens)
 
     def judge(self, endpoint:str, # the gateway endpoint that judges (`evaluate.judge_endpoint`)

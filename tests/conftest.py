@@ -37,6 +37,7 @@ def clone_project(dest: Path, **params) -> Path:
         if (ROOT/f).is_file():
             (dest/f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT/f, dest/f)
+    if (ROOT/'.venv-convert').is_dir(): (dest/'.venv-convert').symlink_to(ROOT/'.venv-convert')  # `make install` built it there
     p = yaml.safe_load((dest/'params.yaml').read_text())
     for section, values in params.items(): p[section].update(values)
     (dest/'params.yaml').write_text(yaml.safe_dump(p, sort_keys=False))

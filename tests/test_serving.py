@@ -2,6 +2,7 @@
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,14 +30,17 @@ def test_register_logs_a_self_contained_model(small_project):
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}")
     mlflow.set_tracking_uri(None)
     arts = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['artifacts']
-    assert set(arts) == {'index', 'embedder', 'adapter', 'base_gguf'}, arts
+    assert set(arts) == {'index', 'embedder', 'adapter', 'base_gguf', 'engine_model'}, arts
+    engine = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['config']['engine']
+    assert (engine['engine'], engine['quantization'], engine['adapter_sha256'] is not None) == ('openvino', 'int8', True), engine
+    assert (Path(local)/arts['engine_model']['path']/'openvino_model.xml').exists()
     assert all((Path(local)/a['path']).exists() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
     reqs = (Path(local)/'requirements.txt').read_text().split()
     assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
 
 
 def test_a_registered_version_replays_with_nothing_but_its_artifacts(small_project, tmp_path):
-    "As on another machine: no project, an empty home (no model hub), the model's folder alone."
+    "As on another machine: no project, an empty home (no model hub, no exporter), the model's folder alone."
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path/'model')))
     mlflow.set_tracking_uri(None)
@@ -45,10 +49,14 @@ def test_a_registered_version_replays_with_nothing_but_its_artifacts(small_proje
     (local/'MLmodel').write_text(yaml.safe_dump(mlmodel))
     code = ("import mlflow; m = mlflow.pyfunc.load_model('model'); "
             "r = m.predict({'input': [{'role': 'user', 'content': 'How do I parse JSON text?'}]}); print(r['custom_outputs']['passages'][0]['source'])")
-    res = run([BIN/'python', '-c', code], tmp_path, env={'HOME': str(tmp_path), 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"}, timeout=600)
-    assert res.stdout.strip().endswith('.md')
-    rebuilt = list((tmp_path/'.cache'/'llmops-tpl'/'hub').glob('*/model.safetensors'))
-    assert rebuilt, 'the base model was rebuilt from the GGUF packed with the model'
+    replay = lambda: run([BIN/'python', '-c', code], tmp_path, env={'HOME': str(tmp_path), 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"},
+                         timeout=600).stdout.strip()
+    hub = tmp_path/'.cache'/'llmops-tpl'/'hub'
+    assert replay().endswith('.md') and not hub.exists(), 'the engine runs its packed converted model: no base model needed'
+    mlmodel['flavors']['python_function']['config']['engine'] = {'engine': 'transformers'}  # as a version registered without the engine
+    (local/'MLmodel').write_text(yaml.safe_dump(mlmodel))
+    assert replay().endswith('.md')
+    assert list(hub.glob('*/model.safetensors')), 'the base model was rebuilt from the GGUF packed with the model'
 
 
 def test_approval_needs_a_passed_gate_or_a_recorded_override(small_project, approved):
@@ -106,6 +114,24 @@ def test_streamed_chat_completion_matches_the_whole_answer(server):
     assert chunks[-1].choices[0].finish_reason == 'stop' and chunks[-1].model_extra['sources']
 
 
+def test_concurrent_requests_decode_together_and_health_answers_meanwhile(server):
+    "Four streamed requests at once through the real server: all are decoding at one moment (none waits for another to end)."
+    client = OpenAI(base_url=f"{server}/v1", api_key='unused')
+    def stream(question):
+        times = [time.perf_counter() for c in client.chat.completions.create(
+            model=MODEL, messages=[{'role': 'user', 'content': question}], stream=True) if c.choices[0].delta.content]
+        return times[0], times[-1]
+    stream('How do I serve static files?')  # warm
+    questions = ['How do I serve static files?', 'How do I test my app?', 'What is a route?', 'How do I add middleware?']
+    with ThreadPoolExecutor(4) as pool:
+        spans = [pool.submit(stream, q) for q in questions]
+        time.sleep(0.5)
+        start = time.perf_counter(); health = httpx.get(f"{server}/health", timeout=10); health_s = time.perf_counter() - start
+        spans = [f.result() for f in spans]
+    assert max(first for first, _ in spans) < min(last for _, last in spans), f"decoded one after another: {spans}"
+    assert health.json() == {'status': 'ok'} and health_s < 1, health_s
+
+
 def within(seconds, fn):
     "`fn()`'s result, or its exception raised, run in a daemon thread, so that a hang fails the test instead of blocking it."
     out = {}
@@ -152,7 +178,8 @@ def test_a_new_approval_reaches_the_server_and_rollback_returns(small_project, a
     (tmp_path/'gate.json').write_text(json.dumps({'passed': True, 'checks': []}))
     run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
          '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'gate_path', str(tmp_path/'gate.json'),
-         '-p', 'metrics_path', str(tmp_path/'register.json'), '-p', 'tracking_uri', 'sqlite:///mlflow.db', '-p', 'max_new_tokens', '20'],
+         '-p', 'metrics_path', str(tmp_path/'register.json'), '-p', 'tracking_uri', 'sqlite:///mlflow.db', '-p', 'max_new_tokens', '20',
+         '-p', 'engine_dir', 'models/engine'],
         small_project)  # another model (shorter answers), whose gate passed
     reg = read_json(tmp_path/'register.json')
     assert reg['challenger'] and reg['new_version'] and reg['version'] > first
@@ -179,7 +206,7 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
     try:
         run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
              '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'out_dir', str(tmp_path),
-             '-p', 'tracking_uri', uri, '-p', 'registered_name', MODEL], small_project)
+             '-p', 'tracking_uri', uri, '-p', 'registered_name', MODEL, '-p', 'engine_dir', 'models/engine'], small_project)
         version = read_json(tmp_path/'register.json')['version']
         env = {'MLFLOW_TRACKING_URI': uri}
         run([BIN/'llmops-tpl', 'approve', '--version', str(version), '--reviewer', 'ana', '--note', 'on the team server',
