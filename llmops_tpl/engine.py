@@ -17,7 +17,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 import weakref
 from importlib.metadata import version
 from pathlib import Path
@@ -135,10 +134,10 @@ def _engine_process(model_dir:str, props:dict, requests, replies):
             handles = {}
         handles = _sent(handles, replies, ov.GenerationStatus.RUNNING)
 
-def _started(process, replies):
-    "Wait until the engine's process has loaded its model; an error if it ended instead."
+def _next(items, process):
+    "The next item of the queue `items`, waited for while the engine's `process` lives; else an error."
     while True:
-        try: return replies.get(timeout=1)
+        try: return items.get(timeout=1)
         except queue.Empty:
             if not process.is_alive():
                 raise RuntimeError(f"the inference engine's process ended (exit code {process.exitcode})")
@@ -164,7 +163,7 @@ class EngineGenerator:
         args = (str(model_dir), props, self._requests, replies)
         self._process = ctx.Process(target=engine._engine_process, args=args, daemon=True, name='inference-engine')
         self._process.start()
-        _started(self._process, replies)  # the model loads here, not in the first request
+        _next(replies, self._process)  # its first reply says the model is loaded: it loads here, not in a request
         threading.Thread(target=_hand_out, args=(replies, self._streams), daemon=True).start()
         weakref.finalize(self, self._process.kill)
 
@@ -176,10 +175,7 @@ class EngineGenerator:
         self._requests.put((rid, ids, max_new_tokens, self.tokenizer.eos_token_id))
         try:
             while True:
-                try: tokens, finished, error = stream.get(timeout=1)
-                except queue.Empty:
-                    if self._process.is_alive(): continue
-                    raise RuntimeError(f"the inference engine's process ended (exit code {self._process.exitcode})")
+                tokens, finished, error = _next(stream, self._process)
                 if error: raise RuntimeError(f"the inference engine failed: {error}")
                 yield from tokens
                 if finished: return
