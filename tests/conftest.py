@@ -2,9 +2,11 @@
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,18 @@ def clone_project(dest: Path, **params) -> Path:
         run(cmd, dest)
     return dest
 
+
+
+def copy_database(src: Path, dst: Path):
+    "A consistent copy of the SQLite database `src` by SQLite's backup API: a copy of its file while a server writes to it can be torn (a 500 on every search after)."
+    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(dst)) as b: a.backup(b)
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    "A copy of the project folder `src` whose MLflow database is copied consistently (a session's server may be writing to it)."
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns('mlflow.db', 'mlflow.db-journal'))
+    copy_database(src/'mlflow.db', dest/'mlflow.db')
+    return dest
 
 @pytest.fixture(scope='session')
 def small_project(tmp_path_factory):

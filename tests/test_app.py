@@ -1,7 +1,6 @@
 "The app and feedback as data: the store under concurrent writers (SQLite and a real PostgreSQL), the app in a real browser."
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import expect
 
-from conftest import BIN, read_json, run, start, stop
+from conftest import BIN, copy_database, read_json, run, start, stop
 from llmops_tpl.examples import free_port
 from llmops_tpl.feedback import FEEDBACK, export_reviewed, open_store, read_table, review
 
@@ -160,7 +159,7 @@ def test_monitor_reports_new_app_traffic_and_reruns_only_on_new_traffic(small_pr
 def test_the_app_keeps_answering_while_mlflow_is_down_and_forwards_the_feedback_later(small_project, approved, tmp_path):
     "A real `mlflow server` (on a copy of the project's database) stops after a turn is traced: the rating waits in the store, then reaches the trace."
     from gradio_client import Client
-    shutil.copy(small_project/'mlflow.db', tmp_path/'server.db')
+    copy_database(small_project/'mlflow.db', tmp_path/'server.db')
     port, app_port = free_port(), free_port()
     uri = f"http://127.0.0.1:{port}"
     server_args = [BIN/'mlflow', 'server', '--backend-store-uri', f"sqlite:///{tmp_path/'server.db'}", '--artifacts-destination',
@@ -174,7 +173,10 @@ def test_the_app_keeps_answering_while_mlflow_is_down_and_forwards_the_feedback_
     try:
         mlflow.set_tracking_uri(uri)
         exp = mlflow.get_experiment_by_name('llmops-tpl').experiment_id
-        turns = lambda: {t.info.trace_id for t in mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list')}
+        def turns():
+            try: return {t.info.trace_id for t in mlflow.search_traces(locations=[exp], filter_string="trace.name = 'chat_turn'", return_type='list')}
+            except mlflow.exceptions.MlflowException as e:  # say what the server said (CI once saw only its 500s)
+                raise AssertionError(f"{e}\n{(tmp_path/'server.log').read_text()[-6000:]}") from e
         before = turns()  # the copied database holds the browser test's turns
         client = Client(f"http://127.0.0.1:{app_port}/", verbose=False)
         client.predict('How do I parse command-line arguments?', 'selfhosted', [], api_name='/ask')

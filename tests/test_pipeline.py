@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, OWN_CORPUS, OWN_QUESTIONS, ROOT, read_json, run
+from conftest import BIN, OWN_CORPUS, OWN_QUESTIONS, ROOT, copy_project, read_json, run
 from llmops_tpl.index import Retriever
 
 # (question, pages that answer it): retrieval must put one of them in the top 5
@@ -80,7 +80,7 @@ def test_second_repro_is_a_fast_noop(small_project):
 def refreshed(small_project, tmp_path_factory):
     "A copy of the project refreshed (a document changed, one deleted, bad inputs added); its chunks before and after, what it embedded before."
     project = tmp_path_factory.mktemp('refreshed')/'project'
-    shutil.copytree(small_project, project, symlinks=True)  # the shared project stays as the other tests expect it
+    copy_project(small_project, project)  # the shared project stays as the other tests expect it
     before, embedded_before = pd.read_parquet(project/'data'/'chunks.parquet'), embedded_texts(project)
     raw = project/'data'/'raw'
     with open(raw/'background.md', 'a') as f: f.write('\n## Retrying a task\n\nA section added by the refresh test, about retries.\n')
@@ -119,7 +119,7 @@ def test_chunk_size_beyond_the_embedder_fails_clearly(tmp_path):
 
 def test_fresh_clone_pulls_the_exact_corpus_from_a_dvc_remote(small_project, tmp_path):
     project = tmp_path/'project'  # a copy: the remote and its commit stay out of the shared project
-    shutil.copytree(small_project, project, symlinks=True)
+    copy_project(small_project, project)
     remote = tmp_path/'remote'
     run([BIN/'dvc', 'remote', 'add', '-d', 'storage', str(remote)], project)
     run([BIN/'dvc', 'commit', '-f', 'data.dvc'], project)
