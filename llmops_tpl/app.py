@@ -32,9 +32,11 @@ class AppModels:
     def __init__(self, name:str, # the registered RAG model
                  # the `api` route's `OpenAIGenerator` settings: `base_url`, `model`, `timeout`, `max_retries`
                  api:dict|None=None,
-                 champion:str='champion' # the alias (or version number) to chat with
+                 champion:str='champion', # the alias (or version number) to chat with
+                 index_name:str|None=None # the index releases whose `@live` it retrieves from; None: the packed index
                 ):
-        self.name, self.api, self.champion, self._challenger = name, api, Champion(name, champion), None
+        self.name, self.api, self._challenger = name, api, None
+        self.champion = Champion(name, champion, index_name)
 
     def challenger(self)->Champion:
         "`@challenger`, loaded on first use and following the alias after that."
@@ -143,7 +145,7 @@ def _answered(models:AppModels, # the versions to talk to
              )->tuple:
     "The chat tab's last outputs: the whole answer, its sources and turn, the question and form cleared."
     history[-1]['content'] = res['answer']
-    turn = {k: res[k] for k in ('question', 'answer', 'sources', 'trace_id')}
+    turn = {k: res[k] for k in ('question', 'answer', 'sources', 'trace_id', 'index_release')}
     turn |= {'model_version': version, 'route': route}
     answered_by = f"Answered by {models.name} version {version} ({ROUTES[route]})."
     return history, sources_markdown(res), turn, '', None, '', '', answered_by
@@ -181,7 +183,8 @@ def _give_feedback(models:AppModels, # the versions to talk to
     if not turn: _fail(ValueError('Ask a question first: feedback is about an answer.'))
     if rating not in ('up', 'down'): _fail(ValueError('Choose thumbs up or thumbs down.'))
     fid = add_feedback(store, turn['question'], turn['answer'], rating, reason, correction, turn['trace_id'],
-                       turn['sources'], models.name, turn['model_version'], turn['route'], _user(request))
+                       turn['sources'], models.name, turn['model_version'], turn['route'], _user(request),
+                       turn.get('index_release'))
     if forward is not None: forward.set()
     return f"Thank you: feedback #{fid} recorded.", None, '', ''
 

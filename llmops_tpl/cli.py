@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ensure_corpus', 'main', 'corpus', 'feedback', 'repro', 'monitor', 'search_cmd', 'merge', 'approve', 'rollback',
-           'history', 'serve', 'gateway', 'app_auth', 'app']
+           'approve_index', 'history', 'serve', 'gateway', 'app_auth', 'app']
 
 # %% ../nbs/13_cli.ipynb #cell-001
 import json
@@ -159,6 +159,19 @@ def rollback(reviewer, note):
     except LookupError as e: raise click.ClickException(str(e))
     click.echo(f"{name}@champion -> version {version} (rolled back by {reviewer})")
 
+@main.command(name='approve-index')
+@click.option('--version', required=True, type=int, help='the index release to make live')
+@click.option('--reviewer', required=True, help='who decides')
+@click.option('--note', required=True, help='why')
+def approve_index(version, reviewer, note):
+    "Approve an index release that passed the retrieval gate: record the decision and move @live to it."
+    from llmops_tpl.release import approve_index as approve_release
+    _, params = _registry()
+    name = params['mlflow']['index_model_name']
+    try: approve_release(name, version, reviewer, note)
+    except (LookupError, PermissionError, ValueError) as e: raise click.ClickException(str(e))
+    click.echo(f"{name}@live -> version {version} (approved by {reviewer})")
+
 @main.command()
 def history():
     "Print each version of the RAG model with its gate verdict and the decisions recorded on it."
@@ -179,7 +192,7 @@ def serve(alias, host, port):
     name, params = _registry()
     s = params['serve']
     torch.set_num_threads(s['threads'])
-    try: champion = Champion(name, alias)
+    try: champion = Champion(name, alias, params['mlflow']['index_model_name'])
     except LookupError as e: raise click.ClickException(f"{e}; approve a version first (llmops-tpl approve)")
     uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars']),
                 host=host or s['host'], port=port or s['port'])
@@ -275,13 +288,14 @@ def _api_settings(params:dict # the project's params
             'timeout': g['client_timeout_seconds'], 'max_retries': g['client_max_retries']}
 
 def _app_models(name:str, # the registered RAG model
-                api:dict # from `_api_settings`
+                api:dict, # from `_api_settings`
+                index_name:str # the index releases (`mlflow.index_model_name`)
                ):
     "`AppModels` on `@champion`, or on `@challenger` (saying so) while no version is approved."
     from llmops_tpl.app import AppModels
-    try: return AppModels(name, api)
+    try: return AppModels(name, api, index_name=index_name)
     except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
-        try: models = AppModels(name, api, champion='challenger')
+        try: models = AppModels(name, api, 'challenger', index_name)
         except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a "
                                                             "version (llmops-tpl approve)")
     click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a "
@@ -326,6 +340,6 @@ def app(host, port, route, forward_seconds):
     a, s = params['app'], params['serve']
     auth = _auth()
     torch.set_num_threads(s['threads'])
-    models = _app_models(name, _api_settings(params))
+    models = _app_models(name, _api_settings(params), params['mlflow']['index_model_name'])
     models.champion.watch(s['poll_seconds'])
     _launch(_ui(models, params, route, forward_seconds), host or a['host'], port or a['port'], auth)

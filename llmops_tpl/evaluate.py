@@ -387,17 +387,18 @@ def scored_table(results:dict[str, pd.DataFrame], # each variant's scored answer
 def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
          candidate:str, # the variant the gate judges
          min_metrics:dict[str, float], # floors: metric name -> lowest value accepted
-         min_margin_over_base:dict[str, float]|None=None # metric name -> how much the candidate must beat `base` by
+         min_margin_over_base:dict[str, float]|None=None, # metric name -> how far the candidate must beat `baseline`
+         baseline:str='base' # the variant the margins are measured against
         )->dict:
     "The gate's checks on `candidate` (value, threshold, verdict each), and whether all passed."
     got = summaries[candidate]
     checks = [{'check': f"{m} >= {t}", 'metric': m, 'value': got[m], 'threshold': t, 'passed': got[m] >= t}
               for m, t in min_metrics.items()]
-    if candidate != 'base' and 'base' in summaries:
+    if candidate != baseline and summaries.get(baseline):
         for m, t in (min_margin_over_base or {}).items():
-            margin = round(got[m] - summaries['base'][m], 4)
-            checks.append({'check': f"{m} - base {m} >= {t}", 'metric': f"{m}_margin_over_base", 'value': margin,
-                           'threshold': t, 'passed': margin >= t})
+            margin = round(got[m] - summaries[baseline][m], 4)
+            checks.append({'check': f"{m} - {baseline} {m} >= {t}", 'metric': f"{m}_margin_over_{baseline}",
+                           'value': margin, 'threshold': t, 'passed': margin >= t})
     return {'candidate': candidate, 'passed': all(c['passed'] for c in checks), 'checks': checks}
 
 class GateFailed(Exception):

@@ -28,7 +28,7 @@ FEEDBACK = sa.Table('feedback', _meta,
     _text('question', nullable=False), _text('answer'),
     _text('sources'), sa.Column('rating', sa.String(4), nullable=False), _text('reason'), _text('correction'),
     sa.Column('review', sa.String(8)), _text('reviewer'), _time('reviewed_at'), _text('review_note'),
-    _time('forwarded_at'), _text('forward_error'))
+    _time('forwarded_at'), _text('forward_error'), _text('index_release'))
 
 VOTES = sa.Table('votes', _meta,
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True), _time('created_at', nullable=False),
@@ -39,6 +39,17 @@ VOTES = sa.Table('votes', _meta,
 RATINGS, VERDICTS, PREFERENCES = ('up', 'down'), ('accepted', 'rejected'), ('champion', 'challenger', 'tie')
 
 # %% ../nbs/16_feedback.ipynb #cell-007
+def _add_missing_columns(engine:sa.Engine # the store
+                        ):
+    "Add to a store an older release of these tables made the columns added since (all of them nullable)."
+    inspector = sa.inspect(engine)
+    for table in _meta.sorted_tables:
+        have = {c['name'] for c in inspector.get_columns(table.name)}
+        with engine.begin() as conn:
+            for col in (c for c in table.columns if c.name not in have):
+                kind = col.type.compile(engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
+
 def open_store(url:str # a SQLAlchemy URL: `sqlite:////abs/feedback.db`, `postgresql+psycopg://user@host/db`
               )->sa.Engine:
     "An engine on the feedback store, its tables created if missing."
@@ -50,6 +61,7 @@ def open_store(url:str # a SQLAlchemy URL: `sqlite:////abs/feedback.db`, `postgr
             conn.execute('PRAGMA journal_mode=WAL')
             conn.execute('PRAGMA busy_timeout=60000')
     _meta.create_all(engine)
+    _add_missing_columns(engine)
     return engine
 
 # %% ../nbs/16_feedback.ipynb #cell-009
@@ -63,7 +75,8 @@ def add_feedback(engine:sa.Engine, # the store
                  sources:list[str]=(), # the sources the answer cited
                  model:str|None=None, model_version:str|int|None=None, # who answered
                  route:str|None=None, # `selfhosted` or `api`
-                 user:str|None=None # who gave the feedback
+                 user:str|None=None, # who gave the feedback
+                 index_release:str|None=None # the index release the answer retrieved from
                 )->int:
     "Append one rating of an answer; returns its id."
     if rating not in RATINGS: raise ValueError(f"rating must be one of {RATINGS}, not {rating!r}")
@@ -71,7 +84,7 @@ def add_feedback(engine:sa.Engine, # the store
     row = dict(created_at=now(), trace_id=trace_id, model=model,
                model_version=None if model_version is None else str(model_version), route=route, user=user,
                question=question, answer=answer, sources=json.dumps(list(sources)), rating=rating,
-               reason=reason or None, correction=correction or None)
+               reason=reason or None, correction=correction or None, index_release=index_release)
     with engine.begin() as conn: return conn.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
 
 def add_vote(engine:sa.Engine, # the store

@@ -263,9 +263,10 @@ class Retriever:
     def __init__(self, index_dir:Path|str, # an index folder
                  device:str|None=None, # where to embed queries
                  # a copy of the index's embedder (a folder packed with a model); the manifest's name when None
-                 embedder:str|None=None
+                 embedder:str|None=None,
+                 release:str='local' # what answers name as their index: a published release's `name/version`
                 ):
-        index_dir = Path(index_dir)
+        index_dir, self.release = Path(index_dir), release
         self.manifest = _read_manifest(index_dir)
         name = _checked_embedder(embedder or self.manifest['embedder']['name'], self.manifest, index_dir)
         self.model = load_embedder(name, device)

@@ -28,14 +28,15 @@ def _scores(trace)->list[float]:
     return [float(d['metadata']['score'])
             for d in docs or [] if isinstance(d, dict) and 'score' in d.get('metadata', {})]
 
-_TURN_COLUMNS = ['trace_id', 'time_ms', 'model_version', 'route', 'state', 'latency_s', 'question', 'top_score',
-                 'scores']
+_TURN_COLUMNS = ['trace_id', 'time_ms', 'model_version', 'index_release', 'route', 'state', 'latency_s', 'question',
+                 'top_score', 'scores']
 
 def _turn(t)->dict:
     scores, root = _scores(t), t.data.spans[0] if t.data.spans else None
     question = (root.inputs or {}).get('question', '') if root else ''
     return {'trace_id': t.info.trace_id, 'time_ms': t.info.request_time,
-            'model_version': t.info.tags.get('model_version'), 'route': t.info.tags.get('route'),
+            'model_version': t.info.tags.get('model_version'), 'index_release': t.info.tags.get('index_release'),
+            'route': t.info.tags.get('route'),
             'state': str(t.info.state), 'latency_s': (t.info.execution_duration or 0) / 1000,
             'question': scrub(question), 'top_score': max(scores) if scores else np.nan, 'scores': scores}
 
@@ -78,13 +79,13 @@ def save_turns(monitor_dir:Path|str, # where `accumulate_turns` reads them next 
 
 # %% ../nbs/18_monitor.ipynb #cell-013
 def summarize_traffic(turns:pd.DataFrame, # from `chat_turns`
-                      feedback:pd.DataFrame # the feedback store's rows (`read_table`)
+                      feedback:pd.DataFrame, # the feedback store's rows (`read_table`)
+                      by:str='model_version' # what to tell apart: `model_version`, or `index_release`
                      )->pd.DataFrame:
-    "Per model version: turns, errors, ratings, satisfaction and latency p50/p95 in seconds."
-    rated = feedback.assign(up=feedback.rating.eq('up')).groupby('model_version').up.agg(['count', 'mean'])
-    lat = turns.latency_s.astype(float).groupby(turns.model_version)
-    out = pd.DataFrame({'turns': turns.groupby('model_version').size(),
-                        'errors': turns.state.ne('OK').groupby(turns.model_version).sum(),
+    "Per model version (or index release): turns, errors, ratings, satisfaction, latency p50/p95 (s)."
+    rated = feedback.assign(up=feedback.rating.eq('up')).groupby(by).up.agg(['count', 'mean'])
+    lat = turns.latency_s.astype(float).groupby(turns[by])
+    out = pd.DataFrame({'turns': turns.groupby(by).size(), 'errors': turns.state.ne('OK').groupby(turns[by]).sum(),
                         'latency_p50_s': lat.quantile(0.5), 'latency_p95_s': lat.quantile(0.95)})
     out = out.join(rated.rename(columns={'count': 'ratings', 'mean': 'satisfaction'}), how='outer')
     return out.fillna({'turns': 0, 'errors': 0, 'ratings': 0}).astype({'turns': int, 'errors': int,
@@ -120,14 +121,17 @@ def traffic_metrics(turns:pd.DataFrame, # every turn read so far (`accumulate_tu
                     new:pd.DataFrame, # the turns new in this run
                     feedback:pd.DataFrame, # the feedback store's rows
                     drift:dict, # from `score_drift`
-                    summary:pd.DataFrame # from `summarize_traffic`
+                    summary:pd.DataFrame, # from `summarize_traffic`
+                    releases:pd.DataFrame|None=None # from `summarize_traffic(..., by='index_release')`
                    )->dict:
-    "The report's numbers: turns, ratings, satisfaction, errors, latency, drift, and each version's."
+    "The report's numbers: turns, ratings, satisfaction, errors, latency, drift; per version and release."
     latency = lambda q: round(float(turns.latency_s.quantile(q)), 3) if len(turns) else None
     return {'turns': len(turns), 'new_turns': len(new), 'ratings': len(feedback),
             'satisfaction': round(float(feedback.rating.eq('up').mean()), 4) if len(feedback) else None,
             'errors': int(turns.state.ne('OK').sum()), 'latency_p50_s': latency(0.5), 'latency_p95_s': latency(0.95),
-            **drift, 'versions': {str(v): _version_metrics(row) for v, row in summary.iterrows()}}
+            **drift, 'versions': {str(v): _version_metrics(row) for v, row in summary.iterrows()},
+            'index_releases': {str(r): _version_metrics(row) for r, row in (releases if releases is not None
+                                                                             else summary.iloc[:0]).iterrows()}}
 
 # %% ../nbs/18_monitor.ipynb #cell-018
 def _plot_satisfaction(ax, feedback:pd.DataFrame):

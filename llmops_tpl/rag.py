@@ -162,19 +162,25 @@ class RAGChain:
                 ):
         self.retriever, self.generator, self.k, self.max_new_tokens = retriever, generator, k, max_new_tokens
 
-    def retrieve(self, question:str)->list[dict]:
-        "The `k` passages nearest to `question`, with their scores (a retriever span)."
+    def retrieve(self, question:str, # the user's question
+                 retriever=None # the retriever to ask; None: the chain's
+                )->list[dict]:
+        "The `k` passages nearest to `question`, with scores (a retriever span naming the index release)."
+        retriever = retriever or self.retriever
         with mlflow.start_span('retrieve', span_type=SpanType.RETRIEVER) as span:
             span.set_inputs({'query': question, 'k': self.k})
-            passages = [{k: p.get(k) for k in _PASSAGE_KEYS} for p in self.retriever.search(question, self.k)]
+            span.set_attribute('index_release', retriever.release)
+            if mlflow.get_current_active_span(): mlflow.update_current_trace(tags={'index_release': retriever.release})
+            passages = [{k: p.get(k) for k in _PASSAGE_KEYS} for p in retriever.search(question, self.k)]
             span.set_outputs([Document(page_content=p['text'], id=p['chunk_id'],
                                        metadata={'doc_uri': p['source'], 'score': p['score']})
                               for p in passages])
         return passages
 
     def _timed_retrieve(self, question):
-        start = time.perf_counter()
-        return self.retrieve(question), time.perf_counter() - start
+        "Passages, seconds and index release; the retriever is read once, so a swap does not split a request."
+        retriever, start = self.retriever, time.perf_counter()
+        return self.retrieve(question, retriever), time.perf_counter() - start, retriever.release
 
     @contextmanager
     def _generation(self, messages:list[dict]):
@@ -187,9 +193,9 @@ class RAGChain:
             span.set_outputs(gen['text'])
             span.set_attributes({**gen['attributes'], 'seconds': gen['seconds']})
 
-    def _result(self, question, passages, text, usage, retrieval_seconds, seconds):
+    def _result(self, question, passages, text, usage, retrieval_seconds, seconds, release):
         cited = cited_sources(text, passages)
-        return {'question': question, 'answer': text, 'cited': bool(cited),
+        return {'question': question, 'answer': text, 'cited': bool(cited), 'index_release': release,
                 'sources': cited or list(dict.fromkeys(p['source'] for p in passages)), 'passages': passages,
                 'usage': usage, 'retrieval_seconds': round(retrieval_seconds, 4),
                 'generation_seconds': round(seconds, 3), 'generator': self.generator.name}
@@ -198,19 +204,19 @@ class RAGChain:
     def answer(self, question:str # the user's question
               )->dict:
         "The answer to `question`: sources, passages with scores, token usage, and timings."
-        passages, retrieval_seconds = self._timed_retrieve(question)
+        passages, retrieval_seconds, release = self._timed_retrieve(question)
         messages = rag_messages(question, passages)
         with self._generation(messages) as gen:
             out = self.generator.complete(messages, self.max_new_tokens)
             usage = {k: out[k] for k in ('prompt_tokens', 'completion_tokens')}
             gen.update(text=out['text'], attributes=usage)
-        return self._result(question, passages, out['text'], usage, retrieval_seconds, gen['seconds'])
+        return self._result(question, passages, out['text'], usage, retrieval_seconds, gen['seconds'], release)
 
     @mlflow.trace(name='rag', span_type=SpanType.CHAIN, output_reducer=lambda events: events[-1] if events else None)
     def stream(self, question:str # the user's question
               )->Iterator[dict]:
         "`{'passages': ...}`, then `{'delta': text}` pieces, then the whole result `answer` returns."
-        passages, retrieval_seconds = self._timed_retrieve(question)
+        passages, retrieval_seconds, release = self._timed_retrieve(question)
         yield {'passages': passages}
         messages, pieces = rag_messages(question, passages), []
         with self._generation(messages) as gen:
@@ -219,7 +225,7 @@ class RAGChain:
                 yield {'delta': piece}
             gen.update(text=''.join(pieces).strip(), attributes={'completion_pieces': len(pieces)})
         yield self._result(question, passages, gen['text'], {'prompt_tokens': None, 'completion_tokens': len(pieces)},
-                           retrieval_seconds, gen['seconds'])
+                           retrieval_seconds, gen['seconds'], release)
 
 # %% ../nbs/09_rag.ipynb #cell-018
 def _tokens(text:str)->list[str]: return re.findall(r'\w+', _CITE.sub(' ', text).lower())

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from conftest import BIN, read_json, run, start, stop
+from conftest import BIN, copy_project, read_json, run, start, stop
 from llmops_tpl.examples import free_port
 
-MODEL = 'llmops-tpl-rag'
+MODEL, INDEX = 'llmops-tpl-rag', 'llmops-tpl-index'
 
 
 def registry(project):
@@ -230,3 +230,55 @@ def test_register_approve_serve_against_a_real_mlflow_server(small_project, tmp_
     finally:
         mlflow.set_tracking_uri(None)
         stop(mlflow_server)
+
+
+ZEBRA = ('# Caring for the office zebra\n\n## Feeding Quentin\n\nQuentin, the office zebra, eats three kilograms of timothy hay '
+         'every morning and an apple on Fridays. Never feed him chocolate.\n')
+
+
+def test_a_refresh_reaches_the_running_server_through_the_retrieval_gate(small_project, approved, tmp_path):
+    "A document added after registration is answered, without a restart, once `repro release_index` publishes it; a noise index is refused."
+    import pandas as pd
+    from llmops_tpl.index import build_index
+    from llmops_tpl.models import DEFAULT_EMBEDDER
+    project = tmp_path/'project'
+    copy_project(small_project, project)  # the shared project stays as the other tests expect it
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start([BIN/'llmops-tpl', 'serve', '--port', str(port)], project, f"{url}/ready", log=tmp_path/'serve.log')
+    try:
+        before = read_json(project/'metrics'/'release_index.json')
+        assert httpx.get(f"{url}/ready").json()['index_release'] == f"{INDEX}/{before['live']}"
+        (project/'data'/'raw'/'office-zebra.md').write_text(ZEBRA)
+        run([BIN/'llmops-tpl', 'repro', 'release_index'], project)
+        release = read_json(project/'metrics'/'release_index.json')
+        assert release['passed'] and release['live'] == release['version'] > before['live'], release
+        new = f"{INDEX}/{release['version']}"
+        for _ in range(30):
+            if httpx.get(f"{url}/ready").json()['index_release'] == new: break
+            time.sleep(1)
+        assert httpx.get(f"{url}/ready").json()['index_release'] == new, 'the server follows @live'
+        question = 'What does Quentin the office zebra eat?'
+        res = OpenAI(base_url=f"{url}/v1", api_key='unused').chat.completions.create(model=MODEL, messages=[{'role': 'user', 'content': question}])
+        assert 'office-zebra.md' in res.model_extra['sources'] and res.model_extra['index_release'] == new
+        client, exp = registry(project), registry(project).get_experiment_by_name('llmops-tpl').experiment_id
+        for _ in range(30):
+            traced = client.search_traces(locations=[exp], filter_string=f"tags.index_release = '{new}'", max_results=5)
+            if traced: break
+            time.sleep(1)
+        assert traced and question in json.dumps(traced[0].data.request), 'its trace names the new index release'
+
+        chunks = pd.read_parquet(project/'data'/'chunks.parquet')  # the same chunks, their text corrupted into noise
+        noise = chunks.assign(text=[f"zq{i} vx wk" for i in range(len(chunks))], section='noise', title='noise')
+        build_index(noise, tmp_path/'noise'/'index', tmp_path/'noise'/'cache', DEFAULT_EMBEDDER)
+        failed = run([BIN/'papermill', 'nbs/stages/45_release_index.ipynb', str(tmp_path/'release.ipynb'), '-p', 'index_dir', str(tmp_path/'noise'/'index'),
+                      '-p', 'eval_path', 'data/dataset/eval.jsonl', '-p', 'metrics_path', str(tmp_path/'release.json'),
+                      '-p', 'tracking_uri', 'sqlite:///mlflow.db'], project, check=False)
+        assert failed.returncode and f"stays at version {release['version']}" in failed.stdout + failed.stderr
+        verdict = read_json(tmp_path/'release.json')
+        assert not verdict['passed'] and verdict['version'] is None and verdict['live'] == release['version']
+        assert {c['metric'] for c in verdict['checks'] if not c['passed']} >= {'hit_at_k', 'hit_at_k_margin_over_live'}
+        time.sleep(2)  # two polls of the alias
+        assert httpx.get(f"{url}/ready").json()['index_release'] == new, 'the live index still serves'
+    finally:
+        stop(proc)
