@@ -35,12 +35,12 @@ class AppModels:
                  champion:str='champion', # the alias (or version number) to chat with
                  index_name:str|None=None # the index releases whose `@live` it retrieves from; None: the packed index
                 ):
-        self.name, self.api, self._challenger = name, api, None
+        self.name, self.api, self.index_name, self._challenger = name, api, index_name, None
         self.champion = Champion(name, champion, index_name)
 
     def challenger(self)->Champion:
         "`@challenger`, loaded on first use and following the alias after that."
-        if self._challenger is None: self._challenger = Champion(self.name, 'challenger')
+        if self._challenger is None: self._challenger = Champion(self.name, 'challenger', self.index_name)
         else: self._challenger.refresh()
         return self._challenger
 

@@ -41,14 +41,15 @@ RATINGS, VERDICTS, PREFERENCES = ('up', 'down'), ('accepted', 'rejected'), ('cha
 # %% ../nbs/16_feedback.ipynb #cell-007
 def _add_missing_columns(engine:sa.Engine # the store
                         ):
-    "Add to a store an older release of these tables made the columns added since (all of them nullable)."
-    inspector = sa.inspect(engine)
+    "Add to a store an older release of these tables made the (nullable) columns added since."
+    columns, q = lambda t: {c['name'] for c in sa.inspect(engine).get_columns(t)}, engine.dialect.identifier_preparer
     for table in _meta.sorted_tables:
-        have = {c['name'] for c in inspector.get_columns(table.name)}
-        with engine.begin() as conn:
-            for col in (c for c in table.columns if c.name not in have):
-                kind = col.type.compile(engine.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
+        for col in (c for c in table.columns if c.name not in columns(table.name)):
+            add = f"ALTER TABLE {q.quote(table.name)} ADD COLUMN {q.quote(col.name)} {col.type.compile(engine.dialect)}"
+            try:
+                with engine.begin() as conn: conn.exec_driver_sql(add)
+            except sa.exc.DBAPIError:  # another process added it first
+                if col.name not in columns(table.name): raise
 
 def open_store(url:str # a SQLAlchemy URL: `sqlite:////abs/feedback.db`, `postgresql+psycopg://user@host/db`
               )->sa.Engine:

@@ -155,7 +155,7 @@ _PASSAGE_KEYS = ('chunk_id', 'source', 'section', 'text', 'score')
 
 class RAGChain:
     "Retrieve, prompt, generate: an answer with the sources it cites and the passages it was given."
-    def __init__(self, retriever, # a `Retriever`
+    def __init__(self, retriever, # a `Retriever` (anything with its `search` and `release`)
                  generator, # a `LocalGenerator` or `OpenAIGenerator`
                  k:int=2, # passages in the prompt
                  max_new_tokens:int=128 # answer length limit

@@ -9,6 +9,7 @@ __all__ = ['retrieval_scores', 'release_gate', 'IndexRelease', 'release_tags', '
 # %% ../nbs/20_release.ipynb #cell-001
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ from .agent import serving_requirements
 from .config import now
 from .evaluate import gate, index_sha256, reciprocal_rank
 from .index import Retriever
-from .registry import version_tagged
+from .registry import _version, version_tagged
 from .serve import live_release, release_folder
 
 # %% ../nbs/20_release.ipynb #cell-005
@@ -106,7 +107,8 @@ def _release(index_dir:Path, name:str, tags:dict, verdict:dict, go_live:str)->di
 def _verdict(index_dir:Path, live, questions:list[dict], k:int, floors:dict, max_drop:float)->dict:
     "The gate's verdict on `index_dir` against the `live` release (or None), with both scores."
     scores = retrieval_scores(Retriever(index_dir), questions, k)
-    live_scores = retrieval_scores(Retriever(release_folder(live)), questions, k) if live else None
+    with tempfile.TemporaryDirectory() as d:  # a retriever holds its index in memory
+        live_scores = retrieval_scores(Retriever(release_folder(live, d)), questions, k) if live else None
     return {**release_gate(scores, live_scores, floors, max_drop), 'scores': scores, 'live_scores': live_scores}
 
 # %% ../nbs/20_release.ipynb #cell-019
@@ -139,8 +141,7 @@ def approve_index(name:str, # the registered model of index releases
                  )->dict:
     "Record a reviewer's approval of release `version` and move `name@live` to it; returns the tags."
     if not reviewer.strip() or not note.strip(): raise ValueError('an approval needs a reviewer and a note')
-    try: mv = mlflow.MlflowClient().get_model_version(name, str(version))
-    except mlflow.exceptions.MlflowException as e: raise LookupError(f"{name} has no version {version}") from e
+    mv = _version(name, version)
     if mv.tags.get('gate_passed') != 'true':
         raise PermissionError(f"release {version} of {name} did not pass the retrieval gate: it cannot go live")
     return _go_live(name, mv.version, {'approved_by': reviewer, 'approval_note': note})

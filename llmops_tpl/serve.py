@@ -10,6 +10,8 @@ __all__ = ['live_release', 'release_folder', 'Champion', 'RequestError', 'read_b
 # %% ../nbs/12_serve.ipynb #cell-001
 import json
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlflow
+from mlflow.models import Model
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -31,13 +34,16 @@ def live_release(name:str, # the registered model of index releases (`mlflow.ind
     "The `ModelVersion` `name@alias` points at; None without such a model or alias (other errors raise)."
     try: return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException as e:
-        if e.error_code in ('RESOURCE_DOES_NOT_EXIST', 'INVALID_PARAMETER_VALUE', 'NOT_FOUND'): return None
+        missing_alias = e.error_code == 'INVALID_PARAMETER_VALUE' and 'not found' in e.message
+        if e.error_code == 'RESOURCE_DOES_NOT_EXIST' or missing_alias: return None
         raise
 
-def release_folder(release # a `ModelVersion` of the index releases
+def release_folder(release, # a `ModelVersion` of the index releases
+                   dst:Path|str # the folder to download it into
                   )->Path:
-    "The index folder of `release`, downloaded to a temporary folder."
-    return Path(mlflow.artifacts.download_artifacts(f"models:/{release.name}/{release.version}"))/'artifacts'/'index'
+    "The index folder of `release`, downloaded into `dst`."
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{release.name}/{release.version}", dst_path=str(dst)))
+    return root/Model.load(root/'MLmodel').flavors['python_function']['artifacts']['index']['path']
 
 # %% ../nbs/12_serve.ipynb #cell-005
 class Champion:
@@ -47,7 +53,7 @@ class Champion:
                  index_name:str|None=None # the index releases whose `@live` it retrieves from; None: the packed index
                 ):
         self.name, self.alias, self.index_name, self.version, self.model = name, alias, index_name, None, None
-        self.index_refused, self._release_dir = None, None
+        self.index_refused, self._tried, self._release_dir = None, None, None
         self.refresh()
 
     @property
@@ -62,22 +68,36 @@ class Champion:
         except mlflow.exceptions.MlflowException as e:
             raise LookupError(f"{self.name}@{self.alias} does not exist: {e.message}") from e
 
-    def _use_release(self, model, release)->None:
-        "Point `model` at `release` (downloaded once); a refused release changes nothing, and says why."
+    def _live(self):
+        "The `@live` release; None when there is none, or it cannot be read now (`index_refused` says why)."
+        if not self.index_name: return None
+        try: return live_release(self.index_name)
+        except mlflow.exceptions.MlflowException as e: self.index_refused = f"{self.index_name}@live: {e.message}"
+
+    def _download(self, release)->Path:
+        "The index folder of `release`, downloaded once; the previous release's download is removed."
         name = f"{release.name}/{release.version}"
         if self._release_dir is None or self._release_dir[0] != name:
-            self._release_dir = (name, release_folder(release))
-        try: model.get_raw_model().use_index(self._release_dir[1], name)
-        except ValueError as e:
-            self.index_refused = str(e)
-            return print(f"refused index release {name}: {e}")
-        self.index_refused = None
+            root = Path(tempfile.mkdtemp(prefix='llmops-index-'))
+            old, self._release_dir = self._release_dir, (name, release_folder(release, root), root)
+            if old: shutil.rmtree(old[2], ignore_errors=True)  # its retriever holds all it needs in memory
+        return self._release_dir[1]
+
+    def _use_release(self, model, release)->None:
+        "Point `model` at `release`; one it refuses or cannot load changes nothing, and says why."
+        name = f"{release.name}/{release.version}"
+        try: model.get_raw_model().use_index(self._download(release), name)
+        except Exception as e:
+            self.index_refused = f"index release {name} is not served: {e}"
+            if isinstance(e, ValueError): self._tried = name  # refused: asked again only by another version
+            return print(self.index_refused)
+        self.index_refused, self._tried = None, name
 
     def refresh(self)->bool:
         "Load the version the alias points at and the live index, if either moved; returns whether one did."
-        version, release = self._version_now(), live_release(self.index_name) if self.index_name else None
-        seen = release is None or (self._release_dir or ('',))[0] == f"{release.name}/{release.version}"
-        if version == self.version and seen: return False
+        version, release = self._version_now(), self._live()
+        moved = release is not None and f"{release.name}/{release.version}" != self._tried
+        if version == self.version and not moved: return False
         model = self.model if version == self.version else mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
         if release is not None: self._use_release(model, release)
         # one assignment each: requests in flight keep the model (and index) they started with

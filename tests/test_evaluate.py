@@ -13,6 +13,7 @@ from llmops_tpl.rag import LocalGenerator, RAGChain
 
 class RandomRetriever:
     "A broken retriever: random passages, whatever the question."
+    release = 'random'  # what answers name as their index, as a `Retriever`'s release
     def __init__(self, retriever): self.model, self.chunks, self.rng = retriever.model, retriever.chunks, random.Random(0)
     def search(self, query, k): return [{**self.chunks.iloc[i].to_dict(), 'score': 0.0} for i in self.rng.sample(range(len(self.chunks)), k)]
 

@@ -278,7 +278,8 @@ def test_a_refresh_reaches_the_running_server_through_the_retrieval_gate(small_p
         verdict = read_json(tmp_path/'release.json')
         assert not verdict['passed'] and verdict['version'] is None and verdict['live'] == release['version']
         assert {c['metric'] for c in verdict['checks'] if not c['passed']} >= {'hit_at_k', 'hit_at_k_margin_over_live'}
-        time.sleep(2)  # two polls of the alias
-        assert httpx.get(f"{url}/ready").json()['index_release'] == new, 'the live index still serves'
+        assert int(registry(project).get_model_version_by_alias(INDEX, 'live').version) == release['version'], '@live did not move'
+        ready = httpx.get(f"{url}/ready").json()
+        assert ready['index_release'] == new and ready['index_refused'] is None, ready
     finally:
         stop(proc)
