@@ -23,7 +23,7 @@ from .hub import GGUF_MIRRORS, fetch_base_model, file_sha256, recorded_base_mode
 from .index import Retriever
 from .models import resolve_model
 from .engine import EngineGenerator
-from .rag import LocalGenerator, OpenAIGenerator, RAGChain
+from .rag import NO_ANSWER, LocalGenerator, OpenAIGenerator, RAGChain
 from .registry import version_tagged
 
 # %% ../nbs/10_agent.ipynb #cell-005
@@ -99,7 +99,8 @@ class RAGAgent(ResponsesAgent):
 
     def predict(self, request:ResponsesAgentRequest)->ResponsesAgentResponse:
         res = self.chain.answer(last_question(request.input))
-        return ResponsesAgentResponse(output=[self.create_text_output_item(res['answer'], str(uuid.uuid4()))],
+        text = res['answer'] or NO_ANSWER  # an empty reply says so
+        return ResponsesAgentResponse(output=[self.create_text_output_item(text, str(uuid.uuid4()))],
                                       custom_outputs=_custom_outputs(res))
 
     def predict_stream(self, request:ResponsesAgentRequest):
@@ -107,8 +108,9 @@ class RAGAgent(ResponsesAgent):
         for ev in self.chain.stream(last_question(request.input)):
             if 'delta' in ev: yield ResponsesAgentStreamEvent(**self.create_text_delta(ev['delta'], item_id))
             elif 'answer' in ev:
+                if not ev['answer']: yield ResponsesAgentStreamEvent(**self.create_text_delta(NO_ANSWER, item_id))
                 yield ResponsesAgentStreamEvent(type='response.output_item.done', custom_outputs=_custom_outputs(ev),
-                                                item=self.create_text_output_item(ev['answer'], item_id))
+                                                item=self.create_text_output_item(ev['answer'] or NO_ANSWER, item_id))
 
 # %% ../nbs/10_agent.ipynb #cell-010
 _AGENT_CODE = "import mlflow\nfrom llmops_tpl.agent import RAGAgent\n\nmlflow.models.set_model(RAGAgent())\n"

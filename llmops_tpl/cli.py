@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ensure_corpus', 'main', 'corpus', 'feedback', 'repro', 'monitor', 'search_cmd', 'merge', 'approve', 'rollback',
-           'approve_index', 'history', 'serve', 'gateway', 'app_auth', 'app']
+           'approve_index', 'history', 'serve', 'gateway', 'app_auth', 'app_reviewers', 'app']
 
 # %% ../nbs/13_cli.ipynb #cell-001
 import json
@@ -180,6 +180,11 @@ def history():
     click.echo(decisions(name).to_string(index=False))
 
 # %% ../nbs/13_cli.ipynb #cell-017
+def _exit_on_sigterm():
+    "Make SIGTERM an exit through `finally` and atexit: child processes end, queued traces are written."
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 @main.command()
 @click.option('--alias', default='champion', show_default=True, help='the registry alias to serve')
 @click.option('--host', default=None, help='address to bind [default: serve.host]')
@@ -192,10 +197,14 @@ def serve(alias, host, port):
     name, params = _registry()
     s = params['serve']
     torch.set_num_threads(s['threads'])
-    try: champion = Champion(name, alias, params['mlflow']['index_model_name'])
+    try: champion = Champion(name, alias, params['mlflow']['index_model_name'], s['max_request_seconds'])
     except LookupError as e: raise click.ClickException(f"{e}; approve a version first (llmops-tpl approve)")
-    uvicorn.run(create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars']),
-                host=host or s['host'], port=port or s['port'])
+    app = create_app(champion, s['max_prompt_chars'], s['poll_seconds'], s['max_llm_prompt_chars'],
+                     s['max_body_bytes'], s['stall_seconds'])
+    # at a SIGTERM, requests in flight get `shutdown_seconds` to finish; then they are cancelled, and uvicorn raises
+    # the signal again, which `_exit_on_sigterm` makes an exit that also ends the engine's process
+    _exit_on_sigterm()
+    uvicorn.run(app, host=host or s['host'], port=port or s['port'], timeout_graceful_shutdown=s['shutdown_seconds'])
 
 # %% ../nbs/13_cli.ipynb #cell-022
 def _plans(g:dict, # the `gateway` params
@@ -221,14 +230,11 @@ def _start_gateway(uri:str, # the tracking database
                    host:str, # bind address
                    port:int # port
                   ):
-    "Start the gateway server on `uri` (saying so if keys get MLflow's development passphrase)."
+    "Start the gateway server on `uri`; refused when a key would be stored without the user's passphrase."
     from llmops_tpl.gateway import gateway_env, start_gateway
-    if not os.environ.get('MLFLOW_CRYPTO_KEK_PASSPHRASE'):
-        click.echo("MLFLOW_CRYPTO_KEK_PASSPHRASE is not set: keys are encrypted with MLflow's development passphrase",
-                   err=True)
     try: return start_gateway(uri, project_path('mlartifacts'), host, port,
                               gateway_env(plans, g['upstream_timeout_seconds']))
-    except RuntimeError as e: raise click.ClickException(str(e))
+    except (PermissionError, RuntimeError) as e: raise click.ClickException(str(e))
 
 def _serve_gateway(uri:str, # the tracking database
                    plans:list[dict], # from `_plans`
@@ -237,11 +243,10 @@ def _serve_gateway(uri:str, # the tracking database
                    port:int # port
                   ):
     "Start a gateway server on `uri`, apply `plans` to it, and serve until stopped."
-    import signal
     from llmops_tpl.gateway import openai_base_url, stop_gateway
     url = f"http://{host}:{port}"
     proc = _start_gateway(uri, plans, g, host, port)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, through the `finally` below
+    _exit_on_sigterm()  # `kill` stops the server too, through the `finally` below
     try:
         _apply(url, plans, f"gateway ready: clients use base_url {openai_base_url(url)} and an endpoint name as model "
                            "(Ctrl-C stops it)")
@@ -302,10 +307,19 @@ def _app_models(name:str, # the registered RAG model
                "version is approved", err=True)
     return models
 
+def app_reviewers(names:list[str], # `app.reviewers`, or the names of `LLMOPS_APP_REVIEWERS`
+                  login:bool, # whether the app has a login
+                  host:str # the address it binds
+                 )->tuple|None:
+    "Who may review in the app: with a login, the named; without, anyone on this machine, no one beyond."
+    if login: return tuple(names)
+    return None if host in ('127.0.0.1', 'localhost', '::1') else ()
+
 def _ui(models, # from `_app_models`
         params:dict, # the project's params
         route:str|None, # `--route`, or None for `rag.architecture`
-        forward_seconds:float|None # `--forward-seconds`, or None for `app.forward_seconds`
+        forward_seconds:float|None, # `--forward-seconds`, or None for `app.forward_seconds`
+        reviewers:tuple|None # from `app_reviewers`
        ):
     "The Gradio app over `models`, its feedback forwarded to the traces in the background."
     from llmops_tpl.app import build_app
@@ -313,18 +327,18 @@ def _ui(models, # from `_app_models`
     store = _feedback_store(params)
     forward = forward_in_background(store, forward_seconds or params['app']['forward_seconds'])
     route = route or params['rag']['architecture']
-    return build_app(models, store, params['serve']['max_prompt_chars'], route, forward)
+    return build_app(models, store, params['serve']['max_prompt_chars'], route, forward, reviewers)
 
 def _launch(ui, # from `_ui`
             host:str, # bind address
             port:int, # port
             auth:list|None # from `_auth`
            ):
-    "Serve `ui` until the process is stopped."
-    import signal
-    # `kill` exits through atexit, where MLflow writes the traces still queued
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    ui.queue().launch(server_name=host, server_port=port, auth=auth, ssr_mode=False, footer_links=['api'])
+    "Serve `ui` until the process is stopped; a user's repeated failed logins are refused for a minute."
+    from llmops_tpl.app import throttled_login
+    _exit_on_sigterm()
+    ui.queue().launch(server_name=host, server_port=port, auth=auth and throttled_login(auth), ssr_mode=False,
+                      footer_links=['api'])
 
 @main.command()
 @click.option('--host', default=None, help='address to bind [default: app.host]')
@@ -342,4 +356,7 @@ def app(host, port, route, forward_seconds):
     torch.set_num_threads(s['threads'])
     models = _app_models(name, _api_settings(params), params['mlflow']['index_model_name'])
     models.champion.watch(s['poll_seconds'])
-    _launch(_ui(models, params, route, forward_seconds), host or a['host'], port or a['port'], auth)
+    named = os.environ.get('LLMOPS_APP_REVIEWERS')
+    names = [n.strip() for n in named.split(',') if n.strip()] if named else a['reviewers']
+    reviewers = app_reviewers(names, bool(auth), host or a['host'])
+    _launch(_ui(models, params, route, forward_seconds, reviewers), host or a['host'], port or a['port'], auth)

@@ -15,9 +15,12 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import weakref
+from contextlib import closing, contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from .hub import model_files_sha256, weights_sha256
-from .rag import LocalGenerator
+from .rag import Activity, LocalGenerator, check_context, prompt_ids
 
 # %% ../nbs/19_engine.ipynb #cell-005
 ENGINES = ('openvino', 'transformers')
@@ -96,11 +99,6 @@ def convert_model(base_dir:Path|str, # the base model's folder
     return out
 
 # %% ../nbs/19_engine.ipynb #cell-012
-def _prompt_ids(tokenizer, messages:list[dict], prefix:str='')->list[int]:
-    "The token ids of `messages` in the chat template, the reply started with `prefix`."
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
-    return tokenizer(text, add_special_tokens=False)['input_ids']
-
 def _arrived(requests, wait:bool)->list:
     "The requests in the queue `requests`: the first waited for when `wait`, then those already there."
     got = [requests.get()] if wait else []
@@ -126,6 +124,9 @@ def _engine_process(model_dir:str, props:dict, requests, replies):
     replies.put(('ready', [], True, None))
     while True:
         for rid, ids, max_new_tokens, eos in _arrived(requests, wait=not handles):
+            if ids is None:  # its asker is gone: the request is dropped at the next step
+                if rid in handles: handles.pop(rid).cancel()
+                continue
             cfg = ov.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids={eos})
             handles[rid] = pipe.add_request(rid, openvino.Tensor(np.array([ids], dtype=np.int64)), cfg)
         try: pipe.step()
@@ -134,52 +135,68 @@ def _engine_process(model_dir:str, props:dict, requests, replies):
             handles = {}
         handles = _sent(handles, replies, ov.GenerationStatus.RUNNING)
 
-def _next(items, process):
-    "The next item of the queue `items`, waited for while the engine's `process` lives; else an error."
+def _next(items, process, deadline:float=float('inf')):
+    "The next item of the queue `items`, waited for while the engine's `process` lives, until `deadline`."
     while True:
         try: return items.get(timeout=1)
         except queue.Empty:
             if not process.is_alive():
                 raise RuntimeError(f"the inference engine's process ended (exit code {process.exitcode})")
+            if time.monotonic() > deadline: raise TimeoutError("the inference engine sent nothing in time")
 
-def _hand_out(replies, streams:dict):
+@contextmanager
+def _first_on_path(folder:str):
+    "`folder` first on `sys.path` for the block: a process spawned in it imports its packages from there."
+    sys.path.insert(0, folder)
+    try: yield
+    finally: sys.path.remove(folder)
+
+def _hand_out(replies, streams:dict, activity:Activity):
     "In the asking process: give each reply of the engine's process to the request waiting for it."
     while True:
         rid, *reply = replies.get()
+        activity.token()
         if rid in streams: streams[rid].put(reply)
 
 # %% ../nbs/19_engine.ipynb #cell-014
 class EngineGenerator:
     "Greedy chat replies from a model converted by `convert_model`; concurrent requests are batched."
     def __init__(self, model_dir:Path|str, # a folder written by `convert_model`
-                 threads:int|None=None # CPU threads for inference; all when None
+                 threads:int|None=None, # CPU threads for inference; all when None
+                 max_seconds:float=120 # a request's time budget
                 ):
         from transformers import AutoTokenizer
         self.tokenizer, self.name = AutoTokenizer.from_pretrained(model_dir), Path(model_dir).name
+        self.max_seconds, self.activity = max_seconds, Activity()
+        self.context_tokens = json.loads((Path(model_dir)/'config.json').read_text())['max_position_embeddings']
         props = {'INFERENCE_PRECISION_HINT': 'f32', **({'INFERENCE_NUM_THREADS': threads} if threads else {})}
         from llmops_tpl import engine  # the package's copy: a spawned process cannot import a notebook's functions
         ctx = multiprocessing.get_context('spawn')
         self._requests, replies, self._streams, self._ids = ctx.Queue(), ctx.Queue(), {}, itertools.count()
         args = (str(model_dir), props, self._requests, replies)
         self._process = ctx.Process(target=engine._engine_process, args=args, daemon=True, name='inference-engine')
-        self._process.start()
+        # this process's package, not another copy on the path (a loaded model's packed code): both speak one protocol
+        with _first_on_path(str(Path(engine.__file__).parents[1])): self._process.start()
         _next(replies, self._process)  # its first reply says the model is loaded: it loads here, not in a request
-        threading.Thread(target=_hand_out, args=(replies, self._streams), daemon=True).start()
+        threading.Thread(target=_hand_out, args=(replies, self._streams, self.activity), daemon=True).start()
         weakref.finalize(self, self._process.kill)
 
     def _tokens(self, ids:list[int], max_new_tokens:int)->Iterator[int]:
-        "The reply's token ids, as the engine decodes them."
+        "The reply's token ids as the engine decodes them, for `max_seconds` at most; closing cancels it."
         if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        rid, stream = next(self._ids), queue.Queue()
+        check_context(len(ids), max_new_tokens, self.context_tokens)
+        rid, stream, deadline, finished = next(self._ids), queue.Queue(), time.monotonic() + self.max_seconds, False
         self._streams[rid] = stream
         self._requests.put((rid, ids, max_new_tokens, self.tokenizer.eos_token_id))
-        try:
-            while True:
-                tokens, finished, error = _next(stream, self._process)
-                if error: raise RuntimeError(f"the inference engine failed: {error}")
-                yield from tokens
-                if finished: return
-        finally: del self._streams[rid]
+        with self.activity.request():
+            try:
+                while not finished and time.monotonic() < deadline:
+                    tokens, finished, error = _next(stream, self._process, deadline)
+                    if error: raise RuntimeError(f"the inference engine failed: {error}")
+                    yield from tokens
+            finally:
+                del self._streams[rid]
+                if not finished: self._requests.put((rid, None, 0, None))  # the engine drops it
 
     def complete(self, messages:list[dict], # chat messages
                  max_new_tokens:int=128, # reply length limit
@@ -187,7 +204,7 @@ class EngineGenerator:
                 )->dict:
         "The reply `text`, with `prompt_tokens` and `completion_tokens`."
         prefix = '{"' if json_mode else ''
-        ids = _prompt_ids(self.tokenizer, messages, prefix)
+        ids = prompt_ids(self.tokenizer, messages, prefix)
         out = list(self._tokens(ids, max_new_tokens))
         return {'text': (prefix + self.tokenizer.decode(out, skip_special_tokens=True)).strip(),
                 'prompt_tokens': len(ids), 'completion_tokens': len(out)}
@@ -195,13 +212,20 @@ class EngineGenerator:
     def stream(self, messages:list[dict], # chat messages
                max_new_tokens:int=128 # reply length limit
               )->Iterator[str]:
-        "The reply, in pieces as they are decoded."
+        "The reply, in pieces as they are decoded; closing the stream cancels the request."
         out, sent = [], ''
-        for token in self._tokens(_prompt_ids(self.tokenizer, messages), max_new_tokens):
-            text = self.tokenizer.decode(out := out + [token], skip_special_tokens=True)
-            if text.endswith('\ufffd'): continue  # a character cut between tokens: wait for the rest
-            if text[len(sent):]: yield text[len(sent):]
-            sent = text
+        with closing(self._tokens(prompt_ids(self.tokenizer, messages), max_new_tokens)) as tokens:
+            for token in tokens:
+                text = self.tokenizer.decode(out := out + [token], skip_special_tokens=True)
+                if text.endswith('\ufffd'): continue  # a character cut between tokens: wait for the rest
+                if text[len(sent):]: yield text[len(sent):]
+                sent = text
+
+    def unready(self, seconds:float # how long requests may wait with no token made
+               )->str|None:
+        "Why the engine cannot answer now (its process ended, or no token for `seconds`), or None."
+        if not self._process.is_alive(): return f"the inference engine's process ended ({self._process.exitcode})"
+        return self.activity.unready(seconds)
 
 # %% ../nbs/19_engine.ipynb #cell-021
 def local_generator(engine:str, # `rag.engine`: openvino or transformers

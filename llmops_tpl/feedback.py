@@ -79,14 +79,20 @@ def add_feedback(engine:sa.Engine, # the store
                  user:str|None=None, # who gave the feedback
                  index_release:str|None=None # the index release the answer retrieved from
                 )->int:
-    "Append one rating of an answer; returns its id."
+    "Record a rating of an answer (replacing the user's earlier one of the same turn); returns its id."
     if rating not in RATINGS: raise ValueError(f"rating must be one of {RATINGS}, not {rating!r}")
     if not str(question or '').strip(): raise ValueError('feedback needs the question it is about')
     row = dict(created_at=now(), trace_id=trace_id, model=model,
                model_version=None if model_version is None else str(model_version), route=route, user=user,
                question=question, answer=answer, sources=json.dumps(list(sources)), rating=rating,
                reason=reason or None, correction=correction or None, index_release=index_release)
-    with engine.begin() as conn: return conn.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
+    with engine.begin() as conn:
+        same = trace_id and conn.execute(sa.select(FEEDBACK.c.id).where(
+            (FEEDBACK.c.trace_id == trace_id) & FEEDBACK.c.user.is_not_distinct_from(user))).scalar()
+        if not same: return conn.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
+        fresh = dict.fromkeys(['review', 'reviewer', 'reviewed_at', 'review_note', 'forwarded_at', 'forward_error'])
+        conn.execute(FEEDBACK.update().where(FEEDBACK.c.id == same).values(**row, **fresh))  # reviewed and sent anew
+        return same
 
 def add_vote(engine:sa.Engine, # the store
              question:str, # what both versions were asked
@@ -155,25 +161,33 @@ def _unforwarded(engine:sa.Engine, limit:int)->pd.DataFrame:
     pending = read_table(engine, where=FEEDBACK.c.forwarded_at.is_(None) & FEEDBACK.c.trace_id.is_not(None))
     return pending.sort_values('forward_error', key=lambda e: e.notna(), kind='stable').head(limit)
 
-def _on_trace(trace_id:str, feedback_id:str)->set[str]:
-    "The names of the assessments that feedback row `feedback_id` already has on its trace."
+def _on_trace(trace_id:str, feedback_id:str)->dict:
+    "The assessments that feedback row `feedback_id` already has on its trace, by name."
     import mlflow
-    return {a.name for a in mlflow.MlflowClient().get_trace(trace_id).info.assessments
+    return {a.name: a for a in mlflow.MlflowClient().get_trace(trace_id).info.assessments
             if (a.metadata or {}).get('feedback_id') == feedback_id}
 
-def _forward_row(r):
-    "Log one row on its trace: the rating as feedback, a correction as the expected response; each once."
+def _put(trace_id:str, found, assessment):
+    "Log `assessment` on the trace, or replace `found` (the row's earlier one) with it when they differ."
     import mlflow
-    from mlflow.entities import AssessmentSource
+    if found is None: return mlflow.log_assessment(trace_id, assessment)
+    if (found.value, getattr(found, 'rationale', None)) != (assessment.value, getattr(assessment, 'rationale', None)):
+        mlflow.update_assessment(trace_id, found.assessment_id, assessment)
+
+def _forward_row(r):
+    "Put one row on its trace: the rating as feedback, a correction as the expected response."
+    import mlflow
+    from mlflow.entities import AssessmentSource, Expectation, Feedback
     source = AssessmentSource(source_type='HUMAN', source_id=r.user or 'anonymous')
     meta = {'feedback_id': str(r.id), 'model_version': r.model_version or '', 'route': r.route or ''}
-    on_trace = _on_trace(r.trace_id, str(r.id))  # sent before, its acknowledgement lost: not sent twice
-    if 'user_rating' not in on_trace:
-        mlflow.log_feedback(trace_id=r.trace_id, name='user_rating', value=r.rating == 'up', rationale=r.reason,
-                            source=source, metadata=meta)
-    if r.correction and 'expected_response' not in on_trace:
-        mlflow.log_expectation(trace_id=r.trace_id, name='expected_response', value=r.correction, source=source,
-                               metadata=meta)
+    on_trace = _on_trace(r.trace_id, str(r.id))  # sent before: its acknowledgement lost, or the rating changed since
+    _put(r.trace_id, on_trace.get('user_rating'), Feedback(name='user_rating', value=r.rating == 'up',
+                                                           rationale=r.reason, source=source, metadata=meta))
+    if r.correction:
+        _put(r.trace_id, on_trace.get('expected_response'),
+             Expectation(name='expected_response', value=r.correction, source=source, metadata=meta))
+    elif 'expected_response' in on_trace:  # the correction was taken back
+        mlflow.delete_assessment(r.trace_id, on_trace['expected_response'].assessment_id)
 
 def forward_feedback(engine:sa.Engine, # the store
                      limit:int=200 # most rows sent in one call

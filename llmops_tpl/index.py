@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'embedder_identity', 'load_cache', 'save_cache', 'embed_with_cache', 'embedding_cache_path',
            'build_hnsw', 'bm25_tokens', 'bm25_documents', 'build_bm25', 'fuse_rankings', 'section_summaries',
-           'write_index', 'write_summaries', 'write_bm25', 'build_index', 'Retriever', 'search']
+           'write_index', 'write_summaries', 'write_bm25', 'publishing', 'build_index', 'Retriever', 'search']
 
 # %% ../nbs/04_index.ipynb #cell-001
 import hashlib
@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -195,6 +197,25 @@ def write_bm25(out_dir:Path, # the index folder
     shutil.rmtree(Path(out_dir)/'bm25', ignore_errors=True)
     if chunks is not None: build_bm25(bm25_documents(chunks)).save(str(Path(out_dir)/'bm25'), show_progress=False)
 
+# %% ../nbs/04_index.ipynb #cell-061
+@contextmanager
+def publishing(out_dir:Path|str # the folder to replace
+              ):
+    "A new folder beside `out_dir` for the block to fill, put in its place once the block ends well."
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = out_dir.with_name(f".{out_dir.name}-old")
+    new = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-new-"))
+    new.chmod(0o755)  # as a folder made by `mkdir` would be, not private to this user
+    try: yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists(): os.replace(out_dir, old)
+    os.replace(new, out_dir)  # readers see the old folder until here, then the new one whole
+    shutil.rmtree(old, ignore_errors=True)
+
 # %% ../nbs/04_index.ipynb #cell-021
 def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 out_dir:Path|str, # index folder to write
@@ -215,10 +236,11 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
     model, cache_path = load_embedder(embedder, device), embedding_cache_path(cache_dir, ident)
     vecs, stats = embed_with_cache(texts, model, cache_path, batch_size)
     graph = partial(build_hnsw, **(hnsw := dict(M=M, ef_construction=ef_construction, ef_search=ef_search)))
-    manifest = write_index(out_dir, graph(vecs[:n]), chunks, {'embedder': ident, 'hnsw': {'space': 'cosine', **hnsw},
+    with publishing(out_dir) as new:
+        manifest = write_index(new, graph(vecs[:n]), chunks, {'embedder': ident, 'hnsw': {'space': 'cosine', **hnsw},
                                                               'retrieval': retrieval, 'summaries': len(summaries)})
-    write_summaries(out_dir, summaries, graph(vecs[n:]) if len(summaries) else None)
-    write_bm25(out_dir, chunks if retrieval == 'hybrid' else None)
+        write_summaries(new, summaries, graph(vecs[n:]) if len(summaries) else None)
+        write_bm25(new, chunks if retrieval == 'hybrid' else None)
     return {**manifest, 'cache': stats}
 
 # %% ../nbs/04_index.ipynb #cell-030

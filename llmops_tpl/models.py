@@ -32,6 +32,8 @@ def resolve_model(name:str, # a local folder or a hub id
     if name in OFFLINE_MIRRORS: return OFFLINE_MIRRORS[name]()
     if not is_hub_id(name):
         raise FileNotFoundError(f"{param}: {name!r} is neither a local folder nor a hub id of the form 'owner/name'")
+    if (parent := path.parent).is_dir():  # `models/mine`, with a folder `models` here: a path, not a hub id
+        raise FileNotFoundError(f"{param}: the folder {name!r} does not exist (though {str(parent)!r} does)")
     return name
 
 # %% ../nbs/01_models.ipynb #cell-009

@@ -109,7 +109,8 @@ def failing_questions(feedback:pd.DataFrame, # the feedback store's rows
     if feedback.empty: return pd.DataFrame(columns=['question', 'down', 'ratings', 'last_reason'])
     fb = feedback.assign(question=feedback.question.map(scrub), down=feedback.rating.eq('down'))
     g = fb.sort_values('id').groupby('question')
-    out = pd.DataFrame({'down': g.down.sum(), 'ratings': g.size(), 'last_reason': g.reason.last().map(scrub)})
+    reasons = g.reason.last().map(scrub, na_action='ignore')  # a question rated with no reason has none
+    out = pd.DataFrame({'down': g.down.sum(), 'ratings': g.size(), 'last_reason': reasons})
     return out[out.down > 0].sort_values(['down', 'ratings'], ascending=False).head(n).reset_index()
 
 # %% ../nbs/18_monitor.ipynb #cell-016

@@ -207,3 +207,30 @@ def test_the_app_keeps_answering_while_mlflow_is_down_and_forwards_the_feedback_
     finally:
         stop(app)
         stop(server)
+
+
+def test_only_named_reviewers_review_and_repeated_failed_logins_are_refused(small_project, approved, tmp_path):
+    "With a login, a user not in LLMOPS_APP_REVIEWERS can neither approve nor review, through the UI's API; a reviewer can; five failed logins lock a user out."
+    import httpx
+    from llmops_tpl.feedback import add_feedback
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {'LLMOPS_APP_AUTH': 'ana:pw-ana,ben:pw-ben', 'LLMOPS_APP_REVIEWERS': 'ana'}
+    proc = start([BIN/'llmops-tpl', 'app', '--port', str(port)], small_project, url, env=env, log=tmp_path/'app.log')
+    try:
+        store = open_store(f"sqlite:///{small_project/'feedback.db'}")
+        fid = add_feedback(store, 'Is this mine to review?', 'No.', 'down', user='ben')
+        ben = Client(url, auth=('ben', 'pw-ben'), verbose=False)
+        with pytest.raises(Exception, match='may not vote, approve or review'):
+            ben.predict('ben', 'I approve myself', 'an override', api_name='/approve')
+        with pytest.raises(Exception, match='may not vote, approve or review'):
+            ben.predict(fid, 'ana', 'typed as someone else', api_name='/accept')
+        assert read_table(store, where=FEEDBACK.c.id == fid).review.iloc[0] is None
+        Client(url, auth=('ana', 'pw-ana'), verbose=False).predict(fid, 'typed', 'not a real failure', api_name='/reject')
+        row = read_table(store, where=FEEDBACK.c.id == fid).iloc[0]
+        assert (row.review, row.reviewer) == ('rejected', 'ana')
+        login = lambda user, password: httpx.post(url + 'login', data={'username': user, 'password': password}).status_code
+        assert [login('ben', 'guess') for _ in range(5)] == [400] * 5
+        assert login('ben', 'pw-ben') == 400, 'locked out, right password or not'
+        assert login('ana', 'pw-ana') == 200
+    finally: stop(proc)

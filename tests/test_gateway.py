@@ -18,6 +18,7 @@ from llmops_tpl.gateway import endpoint_usage, gateway_env, openai_base_url, pla
 from llmops_tpl.rag import GeneratorError, OpenAIGenerator
 
 KEY = f"sk-test-{uuid.uuid4().hex}"  # a dummy vendor key: it must reach the gateway and nowhere else
+PASSPHRASE = uuid.uuid4().hex  # the team's passphrase for the stored keys, in the environment only
 QUESTION = [{'role': 'user', 'content': 'How do I read a JSON file in Python?'}]
 # about 120 prompt tokens: at o1-pro's price ($150 per million) one request costs more than the $0.01 budget below
 LONG_QUESTION = [{'role': 'user', 'content': 'Explain, step by step and with care, ' + 'how the json module parses a file, ' * 12}]
@@ -43,7 +44,8 @@ def gateway(small_project, server, tmp_path_factory):
     params['gateway']['endpoints'] |= {'restart-' + name: params['gateway']['endpoints'][name] for name in ('budgeted', 'limited')}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     url = f"http://127.0.0.1:{gateway_port}"
-    env = {'TEST_VENDOR_KEY': KEY, 'OPENAI_API_KEY': '', 'ANTHROPIC_API_KEY': ''}  # no real vendor: their endpoints run offline
+    # no real vendor: their endpoints run offline
+    env = {'TEST_VENDOR_KEY': KEY, 'OPENAI_API_KEY': '', 'ANTHROPIC_API_KEY': '', 'MLFLOW_CRYPTO_KEK_PASSPHRASE': PASSPHRASE}
     state = {'url': url, 'logs': logs, 'vendor': vendor, 'plans': plan_gateway(params['gateway']['endpoints'], server, env),
              'proc': start([BIN/'llmops-tpl', 'gateway', '--port', str(gateway_port)], small_project, f"{url}/health", env=env, log=logs/'gateway.log')}
     for _ in range(60):  # the configuration is applied once the server is up
@@ -196,12 +198,13 @@ def test_questions_written_by_the_gateway_llm_are_kept_by_passage(gateway, small
     assert len(settled(gateway, 'openai-chat', asked)) == asked, 'the kept replies are read, not asked for again'
 
 
-def test_configuration_survives_a_restart(gateway, small_project):
+def test_configuration_survives_a_restart(gateway, small_project, monkeypatch):
     ask(gateway, 'restart-budgeted', LONG_QUESTION)  # this request alone spends the budget
     with pytest.raises(openai.RateLimitError, match='Budget limit exceeded'):
         ask(gateway, 'restart-budgeted', LONG_QUESTION)
     traces(gateway, 'restart-budgeted', 1, priced=True)  # the spend is in the store, not only in the server's memory
     stop(gateway['proc'])
+    monkeypatch.setenv('MLFLOW_CRYPTO_KEK_PASSPHRASE', PASSPHRASE)  # the same passphrase reads the stored keys
     port = int(gateway['url'].rsplit(':', 1)[1])
     gateway['proc'] = start_gateway(f"sqlite:///{small_project/'mlflow.db'}", small_project/'mlartifacts', port=port,  # the server alone: nothing re-applied
                                     env=gateway_env(gateway['plans']), log=open(gateway['logs']/'gateway.log', 'a'))
@@ -221,3 +224,30 @@ def test_the_key_is_stored_encrypted_and_written_nowhere(gateway, small_project)
              if p.is_file() and KEY.encode() in p.read_bytes()]  # the project: repo, mlflow.db, mlartifacts, DVC cache, reports; and every log
     assert not leaks, leaks
     assert httpx.get(f"{gateway['url']}/health").status_code == 200
+
+
+def test_only_the_chat_route_reaches_an_endpoint_and_each_request_counts_against_its_limit(gateway):
+    url, chat = gateway['url'], {'messages': QUESTION, 'max_tokens': 4}
+    for path in ('/gateway/proxy/limited/v1/chat/completions', '/gateway/proxy/limited/anything',
+                 '/gateway/limited/mlflow/invocations', '/gateway/openai/v1/chat/completions'):
+        r = httpx.post(url + path, json={**chat, 'model': 'not-limited'}, timeout=60)
+        assert r.status_code == 404 and 'is closed' in r.json()['detail'], (path, r.text)
+    r = httpx.post(f"{url}/gateway/mlflow/v1/chat/completions", content=b'(zstd)', timeout=60,
+                   headers={'content-type': 'application/json', 'content-encoding': 'zstd'})
+    assert r.status_code == 415
+    assert 'limited' in {m['id'] for m in client(gateway).models.list().model_dump()['data']}
+
+
+def test_a_vendor_key_is_stored_only_under_a_passphrase_and_the_server_does_not_inherit_it(gateway, small_project):
+    env = {'TEST_VENDOR_KEY': KEY, 'OPENAI_API_KEY': '', 'ANTHROPIC_API_KEY': ''}
+    res = run([BIN/'llmops-tpl', 'gateway', '--port', str(free_port())], small_project, check=False, timeout=120,
+              env={**env, 'MLFLOW_CRYPTO_KEK_PASSPHRASE': ''})
+    assert res.returncode != 0 and 'set MLFLOW_CRYPTO_KEK_PASSPHRASE' in res.stderr, res.stderr
+    port = free_port()
+    cli = start([BIN/'llmops-tpl', 'gateway', '--port', str(port)], small_project, f"http://127.0.0.1:{port}/health",
+                env={**env, 'MLFLOW_CRYPTO_KEK_PASSPHRASE': PASSPHRASE}, log=gateway['logs']/'second-gateway.log')
+    try:  # the command holds the key, to store it through the server's API; the server it started does not
+        servers = Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split()
+        assert KEY.encode() in Path(f"/proc/{cli.pid}/environ").read_bytes()
+        assert servers and all(KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes() for pid in servers)
+    finally: stop(cli)

@@ -1,6 +1,9 @@
 "The pipeline from a fresh clone: corpus, chunks, index, search, incremental refresh, bad input, no-op rerun."
 import json
+import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -87,8 +90,25 @@ def refreshed(small_project, tmp_path_factory):
     (raw/'applications.md').unlink()
     shutil.copytree(ROOT/'tests'/'fixtures'/'corpus', raw/'fixtures')
     (raw/'fixtures'/'big.md').write_text('# Big\n\n' + 'a large file of repeated words. ' * 4000)  # ~128 KB > max_file_mb
+    (raw/'fixtures'/'archive.md').write_bytes(bytes(range(1, 256)) * 40)  # a binary with no NUL byte: garbled text, not chunks
+    interrupt_the_index_stage(project)
+    assert embedded_texts(project) == embedded_before, 'an interrupted refresh leaves the index as it was'
     run([BIN/'dvc', 'repro', 'index'], project)  # the stages after it are not this test's subject
     return project, before, pd.read_parquet(project/'data'/'chunks.parquet'), embedded_before
+
+
+def interrupt_the_index_stage(project):
+    "Start `dvc repro index` and press Ctrl-C a few seconds into the `index` stage."
+    env = {**os.environ, 'PATH': f"{BIN}{os.pathsep}{os.environ['PATH']}", 'PYTHONUNBUFFERED': '1'}  # each line as written
+    proc = subprocess.Popen([BIN/'dvc', 'repro', 'index'], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,  # Ctrl-C acts, as at a terminal,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours is ignored
+    for line in proc.stdout:
+        if "Running stage 'index'" in line: break
+    time.sleep(3)  # the stage has started: DVC would have removed an output it does not keep by now
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0, 'the stage was interrupted, not finished'
 
 
 def test_incremental_refresh_embeds_only_changed_chunks(refreshed):
@@ -105,9 +125,9 @@ def test_bad_input_is_counted_not_fatal(refreshed):
     project, _, after, _ = refreshed
     prep = read_json(project/'metrics'/'prepare.json')
     assert {k: prep[f"files_{k}"] for k in ['empty', 'binary', 'unsupported', 'unreadable', 'undecodable', 'truncated']} == \
-           dict(empty=1, binary=1, unsupported=1, unreadable=1, undecodable=1, truncated=1)
+           dict(empty=1, binary=2, unsupported=1, unreadable=1, undecodable=1, truncated=1)
     assert {'fixtures/latin1.txt', 'fixtures/big.md', 'fixtures/evaluation.pdf'} <= set(after.source)
-    assert not {'fixtures/empty.md', 'fixtures/image.txt', 'fixtures/notes.docx', 'fixtures/broken.pdf'} & set(after.source)
+    assert not {'fixtures/empty.md', 'fixtures/image.txt', 'fixtures/archive.md', 'fixtures/notes.docx', 'fixtures/broken.pdf'} & set(after.source)
 
 
 def test_chunk_size_beyond_the_embedder_fails_clearly(tmp_path):
