@@ -156,7 +156,7 @@ def _hand_out(replies, streams:dict, activity:Activity):
     while True:
         rid, *reply = replies.get()
         activity.token()
-        if rid in streams: streams[rid].put(reply)
+        if (stream := streams.get(rid)) is not None: stream.put(reply)  # a request that gave up has none
 
 # %% ../nbs/19_engine.ipynb #cell-014
 class EngineGenerator:

@@ -112,11 +112,12 @@ def read_table(engine:sa.Engine, # the store
                where=None, # a SQLAlchemy condition, e.g. `FEEDBACK.c.review.is_(None)`
                since:str|None=None # only rows created after this ISO time
               )->pd.DataFrame:
-    "Rows of a table, oldest first."
+    "Rows of a table, oldest first; an empty field is `None` (pandas would read NaN in a text column)."
     q = sa.select(table).order_by(table.c.id)
     if where is not None: q = q.where(where)
     if since: q = q.where(table.c.created_at > since)
-    with engine.connect() as conn: return pd.read_sql(q, conn)
+    with engine.connect() as conn: rows = pd.read_sql(q, conn)
+    return rows.astype(object).where(rows.notna(), None)
 
 # %% ../nbs/16_feedback.ipynb #cell-013
 def review(engine:sa.Engine, # the store
@@ -237,5 +238,5 @@ def export_reviewed(engine:sa.Engine, # the store
     rows = reviewed_feedback(engine)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n'
-                                  for r in rows.astype(object).where(rows.notna(), None).to_dict('records')))
+                                  for r in rows.to_dict('records')))
     return len(rows)

@@ -137,7 +137,7 @@ class RateLimits:
         "The refusal of a request on a closed route, compressed, or past its endpoint's limit; else None."
         if scope['path'] not in OPEN_ROUTES:
             return _refusal(404, f"{scope['path']} is closed: this gateway serves {', '.join(OPEN_ROUTES)}")
-        if dict(scope['headers']).get(b'content-encoding', b'identity') != b'identity':
+        if any(k == b'content-encoding' and v != b'identity' for k, v in scope['headers']):  # every one: not the last
             return _refusal(415, 'send the request body uncompressed')
         return await self._over_limit(endpoint_name(b''.join(m.get('body', b'') for m in messages)))
 

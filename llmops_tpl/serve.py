@@ -170,9 +170,9 @@ def agent_request(body:dict, # the agent's request: `input` and its other fields
 
 def _streamed(body:dict # the request
               )->bool:
-    "Whether the request asks for a stream."
-    if not isinstance(stream := body.get('stream', False), bool):
-        raise RequestError(422, 'stream must be true or false')
+    "Whether the request asks for a stream (`null` as OpenAI reads it: no)."
+    if (stream := body.get('stream')) is None: return False
+    if not isinstance(stream, bool): raise RequestError(422, 'stream must be true or false')
     return stream
 
 def check_messages(messages, # the request's messages
@@ -314,7 +314,7 @@ def text_events(pieces:Iterator[str] # text as a generator decodes it
     yield {'type': 'response.output_item.done'}
 
 # %% ../nbs/12_serve.ipynb #cell-023
-_REFUSALS = {RequestError: None, PromptTooLong: 413, GeneratorBusy: 503}  # None: the error's own status
+_REFUSALS = {RequestError: None, PromptTooLong: 413, GeneratorBusy: 503, TimeoutError: 503}  # None: the error's status
 RETRY_SECONDS = 5  # a 503 asks the client to wait this long before it tries again
 
 async def _refused(request:Request, # the request refused
@@ -369,16 +369,17 @@ def health_router(champion:Champion, # the model served
     "`GET /health`, answered while the process runs, and `GET /ready`, 503 while it cannot answer."
     router = APIRouter()
 
-    @router.get('/health')
-    def health(): return {'status': 'ok'}
+    @router.get('/health')  # async: answered on the event loop, never queued behind requests in the thread pool
+    async def health(): return {'status': 'ok'}
 
     @router.get('/ready')
-    def ready():
+    async def ready():
         why = champion.unready(stall_seconds)
+        retry = {'Retry-After': str(RETRY_SECONDS)} if why else None
         return JSONResponse({'ready': why is None, 'reason': why, 'model': champion.name, 'alias': champion.alias,
                              'version': champion.version, 'generating': champion.generating,
                              'index_release': champion.index_release, 'index_refused': champion.index_refused},
-                            status_code=503 if why else 200)
+                            status_code=503 if why else 200, headers=retry)
 
     return router
 
@@ -403,7 +404,9 @@ async def _invoke(model, # the loaded pyfunc model
                   body:dict # the request, checked
                  ):
     "MLflow's answer to `body`: the agent's events as server-sent events when `stream` is set."
-    if body.pop('stream', False):
+    stream = _streamed(body)
+    body.pop('stream', None)  # not a field of the agent's request
+    if stream:
         agent = model.get_raw_model()
         events = await started(threaded(lambda: agent.predict_stream(body)))
         return _event_stream(_sse(e.model_dump(exclude_none=True)) for e in events)
