@@ -205,6 +205,7 @@ def publishing(out_dir:Path|str # the folder to replace
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     old = out_dir.with_name(f".{out_dir.name}-old")
+    for killed in out_dir.parent.glob(f".{out_dir.name}-new-*"): shutil.rmtree(killed)  # left by a SIGKILL
     new = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-new-"))
     new.chmod(0o755)  # as a folder made by `mkdir` would be, not private to this user
     try: yield new
