@@ -23,7 +23,7 @@ $(CONVERT)/bin/optimum-cli: settings.ini
 	$(CONVERT)/bin/pip install --quiet --no-deps $(CONVERT_NODEPS)
 	touch $@
 
-.PHONY: install system repro test lab app
+.PHONY: install system repro test test-scale lab app
 install: $(BIN)/llmops-tpl $(CONVERT)/bin/optimum-cli
 
 # Debian's Chromium and a font (the app's browser tests) and PostgreSQL (the feedback store's server test); elsewhere those tests are skipped
@@ -41,6 +41,10 @@ repro: install
 test: install system
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest
+
+# the engines past one machine, each started for real on 127.0.0.1 (a pipeline of its own: about 12 minutes more)
+test-scale: install system
+	$(BIN)/pytest -m scale
 
 lab: install
 	$(BIN)/jupyter lab

@@ -63,13 +63,21 @@ def copy_project(src: Path, dest: Path) -> Path:
 @pytest.fixture(scope='session')
 def small_project(tmp_path_factory):
     "A fresh clone given its own corpus and questions as the README's \"Bring your own corpus\" says, after its main command."
-    dest = clone_project(tmp_path_factory.mktemp('project'), index={'probe_query': 'how do I serve static files'},
-                         prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
-                         finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1},
-                         evaluate={'limit': 6, 'gate': {'on_fail': 'warn', 'min_hit_at_k': 0.5, 'min_context_recall': 0.5,
-                                   'min_similarity': 1.01, 'min_similarity_margin_over_base': 0.0,
-                                   'min_regression_similarity': 0.5}},  # a gate that fails, and only warns
-                         rag={'max_new_tokens': 24}, serve={'poll_seconds': 1})
+    return own_corpus_project(tmp_path_factory.mktemp('project'))
+
+
+# the small project's settings: few questions, two updates of fine-tuning, short answers
+SMALL = dict(index={'probe_query': 'how do I serve static files'}, prepare={'max_file_mb': 0.05}, dataset={'max_examples': 60, 'eval_share': 0.2},
+             finetune={'max_steps': 2, 'batch_size': 2, 'grad_accum': 1, 'save_steps': 1},
+             evaluate={'limit': 6, 'gate': {'on_fail': 'warn', 'min_hit_at_k': 0.5, 'min_context_recall': 0.5,
+                       'min_similarity': 1.01, 'min_similarity_margin_over_base': 0.0,
+                       'min_regression_similarity': 0.5}},  # a gate that fails, and only warns
+             rag={'max_new_tokens': 24}, serve={'poll_seconds': 1})
+
+
+def own_corpus_project(dest: Path, **params) -> Path:
+    "A fresh clone in `dest` with the `SMALL` settings (and `params`), given its own corpus and questions, after `llmops-tpl repro`."
+    dest = clone_project(dest, **{**SMALL, **params})
     assert not (dest/'data'/'raw').exists()
     shutil.copytree(OWN_CORPUS, dest/'data'/'raw')
     shutil.copy(OWN_QUESTIONS, dest/'data'/'questions.jsonl')
