@@ -42,7 +42,7 @@ test: install system
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest
 
-# the engines past one machine, each started for real on 127.0.0.1 (a pipeline of its own: about 12 minutes more)
+# the engines past one machine, each started for real on 127.0.0.1 (a pipeline of its own: about 6 minutes more)
 test-scale: install system
 	$(BIN)/pytest -m scale
 

@@ -174,7 +174,7 @@ def finetune_processes(base_dir:Path|str, # a local model folder (from `fetch_ba
     job = Path(out_dir)/'job.pkl'
     job.parent.mkdir(parents=True, exist_ok=True)
     job.write_bytes(pickle.dumps({'base_dir': str(base_dir), 'train_rows': train_rows, 'out_dir': str(out_dir),
-                                  'config': _fields(config), 'lora': lora or lora_config()}))
+                                  'config': _fields(config), 'lora': lora}))  # None: `finetune`'s default
     cpu = {} if torch.cuda.is_available() else {'ACCELERATE_USE_CPU': 'true'}  # else each CPU process trains alone
     subprocess.run([*launch_command(processes, accelerate_config), str(job)], env=os.environ | cpu, check=True)
     history = json.loads(job.with_suffix('.history.json').read_text())

@@ -35,7 +35,7 @@ def team_server(postgres_url, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     proc = start([BIN/'mlflow', 'server', '--app-name', 'llmops-tpl', '--host', '127.0.0.1', '--port', str(port), '--workers', '1'],
                  logs, f"{url}/health", env=env, log=logs/'server.log')
-    yield {'url': url, 'database': database, 'artifacts': logs/'artifacts', 'log': logs/'server.log', 'feedback': create_database(postgres_url, 'feedback')}
+    yield {'url': url, 'database': database, 'artifacts': logs/'artifacts', 'feedback': create_database(postgres_url, 'feedback')}
     stop(proc)
 
 
