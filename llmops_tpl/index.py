@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .config import code_sha256, write_json
 from .documents import content_hash
 from .models import load_embedder, resolve_model
+from .vectordb import VectorTable, connect, server_url, sync_vectors, vector_table
 
 # %% ../nbs/04_index.ipynb #cell-005
 def embedder_identity(name:str # a local folder or a hub id
@@ -167,27 +168,28 @@ def section_summaries(chunks:pd.DataFrame # the chunk table, in label order
 
 # %% ../nbs/04_index.ipynb #cell-020
 def write_index(out_dir:Path|str, # folder to write (created)
-                index:hnswlib.Index, # the graph
+                index:hnswlib.Index|None, # the graph; None when the vectors live in a database
                 chunks:pd.DataFrame, # chunk table; row i is label i
-                manifest:dict # embedder identity and build parameters
+                manifest:dict, # embedder identity and build parameters
+                dim:int # the vectors' dimension
                )->dict:
     "Save graph, id map and manifest (with dimension and count added) to `out_dir`; returns the manifest."
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index.save_index(str(out_dir/'hnsw.bin'))
+    if index is not None: index.save_index(str(out_dir/'hnsw.bin'))
     chunks.reset_index(drop=True).to_parquet(out_dir/'chunks.parquet', index=False)
-    manifest = {**manifest, 'dim': index.dim, 'count': index.get_current_count()}
+    manifest = {**manifest, 'dim': dim, 'count': len(chunks)}
     write_json(manifest, out_dir/'manifest.json')
     return manifest
 
 def write_summaries(out_dir:Path, # the index folder
                     summaries:pd.DataFrame, # `section_summaries` of its chunks
-                    graph:hnswlib.Index|None # their vectors' graph; None when there are none
+                    graph:hnswlib.Index|None # their vectors' graph; None when there is none to save
                    ):
-    "Save the summaries' graph and labels (`summaries.bin`, `.parquet`), or remove old ones."
+    "Save the summaries' labels and graph (`summaries.parquet`, `.bin`), or remove old ones."
     for name in ('summaries.bin', 'summaries.parquet'): (Path(out_dir)/name).unlink(missing_ok=True)
-    if graph is None: return
-    graph.save_index(str(Path(out_dir)/'summaries.bin'))
+    if not len(summaries): return
+    if graph is not None: graph.save_index(str(Path(out_dir)/'summaries.bin'))
     summaries.to_parquet(Path(out_dir)/'summaries.parquet', index=False)
 
 def write_bm25(out_dir:Path, # the index folder
@@ -217,6 +219,27 @@ def publishing(out_dir:Path|str # the folder to replace
     os.replace(new, out_dir)  # readers see the old folder until here, then the new one whole
     shutil.rmtree(old, ignore_errors=True)
 
+# %% ../nbs/04_index.ipynb #cell-063
+def _index_hashes(index_dir:Path # an index folder, perhaps missing
+                 )->set[str]:
+    "The content hashes of the chunks and summaries of the index in `index_dir`, if any."
+    files = [Path(index_dir)/name for name in ('chunks.parquet', 'summaries.parquet')]
+    return {h for f in files if f.exists() for h in pd.read_parquet(f, columns=['content_hash']).content_hash}
+
+def _store_in_table(out_dir:Path|str, # the index folder being replaced
+                    vectors:dict[str, np.ndarray], # the build's vectors (chunks' and summaries') by content hash
+                    ident:dict, # the embedder's identity
+                    hnsw:dict, # `M`, `ef_construction`, `ef_search`
+                    url:str, # `index.pgvector_url`
+                    pgdata:Path|str|None # the local server's folder
+                   )->tuple[dict, dict]:
+    "Sync `vectors` into their pgvector table, keeping the replaced index's; returns `store` and counts."
+    table = vector_table(ident['sha256'])
+    with closing(connect(server_url(url, pgdata))) as conn:
+        counts = sync_vectors(conn, table, vectors, _index_hashes(out_dir), hnsw['M'], hnsw['ef_construction'])
+    where = {'url': url} if url else {'pgdata': str(Path(pgdata).resolve())}
+    return {'kind': 'pgvector', 'table': table, **where}, counts
+
 # %% ../nbs/04_index.ipynb #cell-021
 def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 out_dir:Path|str, # index folder to write
@@ -227,22 +250,31 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 ef_construction:int=200, # candidate list size while building
                 ef_search:int=64, # candidate list size while querying
                 device:str|None=None, # where to embed; the best available when None
-                retrieval:str='hybrid' # `dense` (vectors alone) or `hybrid` (vectors and BM25, fused)
+                retrieval:str='hybrid', # `dense` (vectors alone) or `hybrid` (vectors and BM25, fused)
+                store:str='hnswlib', # where the vectors live: `hnswlib` files, or a `pgvector` table
+                pgvector_url:str='', # `index.pgvector_url`: the vector database; empty: a local one in `pgdata`
+                pgdata:Path|str|None=None # the local vector database's folder (`paths.pgvector`)
                )->dict:
     "Embed and index `chunks` into `out_dir`; returns the manifest with its cache statistics."
     if retrieval not in ('dense', 'hybrid'):
         raise ValueError(f"index.retrieval must be 'dense' or 'hybrid', got {retrieval!r}")
+    if store not in ('hnswlib', 'pgvector'):
+        raise ValueError(f"index.store must be 'hnswlib' or 'pgvector', got {store!r}")
     ident, summaries, n = embedder_identity(embedder), section_summaries(chunks), len(chunks)
     texts = pd.concat([chunks[['content_hash', 'text']], summaries[['content_hash', 'text']]])
     model, cache_path = load_embedder(embedder, device), embedding_cache_path(cache_dir, ident)
     vecs, stats = embed_with_cache(texts, model, cache_path, batch_size)
-    graph = partial(build_hnsw, **(hnsw := dict(M=M, ef_construction=ef_construction, ef_search=ef_search)))
+    hnsw = dict(M=M, ef_construction=ef_construction, ef_search=ef_search)
+    graph = partial(build_hnsw, **hnsw) if store == 'hnswlib' else lambda v: None
+    db = store == 'pgvector' and _store_in_table(out_dir, dict(zip(texts.content_hash, vecs)), ident, hnsw,
+                                                 pgvector_url, pgdata)
     with publishing(out_dir) as new:
-        manifest = write_index(new, graph(vecs[:n]), chunks, {'embedder': ident, 'hnsw': {'space': 'cosine', **hnsw},
-                                                              'retrieval': retrieval, 'summaries': len(summaries)})
+        manifest = write_index(new, graph(vecs[:n]), chunks,
+                               {'embedder': ident, 'hnsw': {'space': 'cosine', **hnsw}, 'retrieval': retrieval,
+                                'summaries': len(summaries), **({'store': db[0]} if db else {})}, vecs.shape[1])
         write_summaries(new, summaries, graph(vecs[n:]) if len(summaries) else None)
         write_bm25(new, chunks if retrieval == 'hybrid' else None)
-    return {**manifest, 'cache': stats}
+    return {**manifest, 'cache': stats, **({'sync': db[1]} if db else {})}
 
 # %% ../nbs/04_index.ipynb #cell-030
 def _read_manifest(index_dir:Path # an index folder
@@ -280,6 +312,32 @@ def _load_summaries(index_dir:Path, # an index folder
     labels = pd.read_parquet(index_dir/'summaries.parquet', columns=['label']).label.to_numpy()
     return _load_hnsw(index_dir, manifest, 'summaries.bin', 'summaries'), labels
 
+# %% ../nbs/04_index.ipynb #cell-064
+def _open_table(index_dir:Path, # an index folder whose vectors live in a pgvector table
+                manifest:dict, # its manifest
+                chunks:pd.DataFrame # its chunk table
+               )->tuple:
+    "The index's table, the chunk labels of each content hash, and how many rows are others'."
+    store = manifest['store']
+    table = VectorTable(server_url(store.get('url', ''), store.get('pgdata')), store['table'],
+                        manifest['hnsw']['ef_search'])
+    labels_of = {}
+    for label, h in enumerate(chunks.content_hash): labels_of.setdefault(h, []).append(label)
+    if (index_dir/'summaries.parquet').exists():
+        summaries = pd.read_parquet(index_dir/'summaries.parquet', columns=['label', 'content_hash'])
+        for label, h in summaries.itertuples(index=False): labels_of.setdefault(h, []).append(int(label))
+    return table, labels_of, max(0, table.count() - len(labels_of))
+
+def _nearest_in_table(table:VectorTable, # the index's table
+                      labels_of:dict[str, list[int]], # the chunk labels each content hash stands for
+                      foreign:int, # rows of the table that are not this index's
+                      qv:np.ndarray, # the query's vector
+                      n:int # how many chunk labels
+                     )->list[int]:
+    "Chunk labels nearest `qv` in the table, best first, by their vectors or their sections' summaries."
+    rows = table.nearest(qv, 2 * n + foreign)  # enough rows that `n` of them are this index's chunks
+    return list(dict.fromkeys(label for h, _ in rows for label in labels_of.get(h, ())))[:n]
+
 # %% ../nbs/04_index.ipynb #cell-023
 class Retriever:
     "The chunks that best answer a query, from an index folder written by `build_index`."
@@ -294,15 +352,18 @@ class Retriever:
         name = _checked_embedder(embedder or self.manifest['embedder']['name'], self.manifest, index_dir)
         self.model = load_embedder(name, device)
         self.chunks = pd.read_parquet(index_dir/'chunks.parquet')
-        self.index = _load_hnsw(index_dir, self.manifest)
+        in_table = self.manifest.get('store', {}).get('kind') == 'pgvector'
+        self.index = None if in_table else _load_hnsw(index_dir, self.manifest)
+        self.table = _open_table(index_dir, self.manifest, self.chunks) if in_table else None
         hybrid = self.manifest.get('retrieval') == 'hybrid'
         self.bm25 = bm25s.BM25.load(str(index_dir/'bm25'), show_progress=False) if hybrid else None
-        self.summaries = _load_summaries(index_dir, self.manifest)
+        self.summaries = None if in_table else _load_summaries(index_dir, self.manifest)
 
     def _nearest(self, qv:np.ndarray, # the query's vector, (1, dim)
                  n:int # how many chunk labels
                 )->list[int]:
         "Chunk labels nearest `qv`, best first, by their own vectors or their sections' summaries."
+        if self.table is not None: return _nearest_in_table(*self.table, qv, n)
         graphs = [(self.index, None)] + ([self.summaries] if self.summaries else [])
         found = []
         for graph, chunk_of in graphs:
@@ -324,8 +385,16 @@ class Retriever:
             ids, scores = self.bm25.retrieve(bm25_tokens([query]), k=n, show_progress=False)
             labels = fuse_rankings([labels, [int(i) for i, s in zip(ids[0], scores[0]) if s > 0]])
         labels = labels[:k]
-        scores = np.asarray(self.index.get_items(labels, return_type='numpy')) @ qv[0]
+        scores = self.vectors(labels) @ qv[0]
         return [{**r, 'score': float(s)} for r, s in zip(self.chunks.iloc[labels].to_dict('records'), scores)]
+
+    def vectors(self, labels:list[int] # chunk labels
+               )->np.ndarray:
+        "The chunks' vectors, (len(labels), dim), in the order of `labels`."
+        if self.table is None: return np.asarray(self.index.get_items(list(labels), return_type='numpy'))
+        hashes = self.chunks.content_hash.iloc[list(labels)].tolist()
+        found = self.table[0].vectors(hashes)
+        return np.stack([found[h] for h in hashes]) if hashes else np.zeros((0, self.manifest['dim']), np.float32)
 
     def closest(self, query:str, # a text
                 texts:list[str] # candidates
