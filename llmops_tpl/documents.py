@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TEXT_SUFFIXES', 'HTML_SUFFIXES', 'SKIPPING', 'BINARY_SHARE', 'CHUNK_COLUMNS', 'setext_to_atx', 'read_document',
-           'token_windows', 'split_sections', 'chunk_id', 'content_hash', 'chunk_document', 'prepare_corpus',
-           'file_problem_counts']
+           'token_windows', 'split_sections', 'chunk_id', 'content_hash', 'chunk_document', 'chunk_file',
+           'prepare_corpus', 'file_problem_counts']
 
 # %% ../nbs/03_documents.ipynb #cell-001
 import bisect
@@ -188,22 +188,37 @@ def _unseen(rows:list[dict], # chunks, in order
     return [r for r in rows if not (r['content_hash'] in seen or seen.add(r['content_hash']))]
 
 # %% ../nbs/03_documents.ipynb #cell-021
+def chunk_file(path:Path|str, # a file of the corpus
+               source:str, # its path within the corpus
+               tokenizer, # the embedder's (fast) tokenizer
+               chunk_tokens:int=200, # tokens per chunk
+               overlap_tokens:int=32, # tokens shared by consecutive chunks
+               strategy:str='sections', # `sections` or `window`
+               max_bytes:int=5_000_000 # longer files are truncated
+              )->tuple[list[dict], dict]:
+    "One file's chunks, and its row of the per-file table: source, bytes and problems."
+    text, problems = read_document(Path(path), max_bytes)
+    rows = [] if not text else chunk_document(text, source, tokenizer, chunk_tokens, overlap_tokens, strategy)
+    return rows, dict(source=source, bytes=Path(path).stat().st_size, problems=','.join(problems))
+
 def prepare_corpus(raw_dir:Path|str, # the corpus folder
                    tokenizer, # the embedder's (fast) tokenizer
                    chunk_tokens:int=200, # tokens per chunk
                    overlap_tokens:int=32, # tokens shared by consecutive chunks
                    strategy:str='sections', # `sections` or `window`
-                   max_bytes:int=5_000_000 # longer files are truncated
+                   max_bytes:int=5_000_000, # longer files are truncated
+                   chunk_files=None # `chunk_files(paths, sources, **settings)`: `chunk_file` of each, elsewhere (Spark)
                   )->tuple[pd.DataFrame, pd.DataFrame]:
     "Chunks of every readable file under `raw_dir`, and a per-file table of problems and chunk counts."
     raw_dir, chunks, files, seen = Path(raw_dir), [], [], set()
-    for path in tqdm(_corpus_files(raw_dir), desc='chunking', unit='file'):
-        source = path.relative_to(raw_dir).as_posix()
-        text, problems = read_document(path, max_bytes)
-        rows = [] if not text else chunk_document(text, source, tokenizer, chunk_tokens, overlap_tokens, strategy)
-        unique = _unseen(rows, seen)
-        files.append(dict(source=source, bytes=path.stat().st_size, problems=','.join(problems),
-                          chunks=len(unique), duplicate_chunks=len(rows) - len(unique)))
+    paths = _corpus_files(raw_dir)
+    sources = [p.relative_to(raw_dir).as_posix() for p in paths]
+    settings = dict(chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens, strategy=strategy, max_bytes=max_bytes)
+    here = (chunk_file(p, s, tokenizer, **settings) for p, s in zip(paths, sources))
+    per_file = chunk_files(paths, sources, **settings) if chunk_files else here
+    for rows, file in tqdm(per_file, total=len(paths), desc='chunking', unit='file'):
+        unique = _unseen(rows, seen)  # in the files' order, wherever they were chunked
+        files.append({**file, 'chunks': len(unique), 'duplicate_chunks': len(rows) - len(unique)})
         chunks += unique
     return pd.DataFrame(chunks, columns=CHUNK_COLUMNS), pd.DataFrame(files)
 

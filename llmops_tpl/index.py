@@ -256,7 +256,7 @@ def build_index(chunks:pd.DataFrame, # the `prepare` stage's chunk table
                 store:str='hnswlib', # where the vectors live: `hnswlib` files, or a `pgvector` table
                 pgvector_url:str='', # `index.pgvector_url`: the vector database; empty: a local one in `pgdata`
                 pgdata:Path|str|None=None, # the local vector database's folder (`paths.pgvector`)
-                encode=None # what embeds new texts: `encode(texts) -> vectors` (`index_encoder`); None: this process
+                encode=None # what embeds new texts: `encode(texts) -> vectors` (`spark_encoder`); None: this process
                )->dict:
     "Embed and index `chunks` into `out_dir`; returns the manifest with its cache statistics."
     if retrieval not in ('dense', 'hybrid'):

@@ -151,11 +151,14 @@ def test_approve_serve_chat_feedback_monitor_and_the_gateway_on_the_team_server(
     assert m['turns'] >= 1 and m['ratings'] == 1 and m['errors'] == 0, m
 
 
-def test_the_index_stage_on_spark_writes_the_local_build(tmp_path):
-    "`index.engine: spark` (`local[2]`, the embedder once per executor): the stage's index has the local build's chunk ids and vectors."
+def test_prepare_and_index_on_spark_write_the_local_build(tmp_path):
+    "`index.engine: spark` (`local[2]`): the prepare and index stages' chunk table and index are the local ones, vectors within 1e-5."
     for engine in ('local', 'spark'):
-        run([BIN/'papermill', 'nbs/stages/20_index.ipynb', str(tmp_path/f'{engine}.ipynb'), '-p', 'out_dir', str(tmp_path/engine),
-             '-p', 'engine', engine], ROOT)
+        for stage, chunks in (('10_prepare', []), ('20_index', ['-p', 'chunks_path', str(tmp_path/engine/'chunks.parquet')])):
+            run([BIN/'papermill', f'nbs/stages/{stage}.ipynb', str(tmp_path/f'{stage}-{engine}.ipynb'), '-p', 'out_dir', str(tmp_path/engine),
+                 '-p', 'engine', engine, *chunks], ROOT)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path/'spark'/'chunks.parquet'), pd.read_parquet(tmp_path/'local'/'chunks.parquet'))
+    assert read_json(tmp_path/'spark'/'prepare.json') == read_json(tmp_path/'local'/'prepare.json')
     local, spark = (Retriever(tmp_path/engine/'index') for engine in ('local', 'spark'))
     assert spark.chunks.chunk_id.tolist() == local.chunks.chunk_id.tolist() and len(local.chunks) >= 10
     labels = range(len(local.chunks))
