@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SERVING_PACKAGES', 'build_chain', 'check_index_embedder', 'last_question', 'RAGAgent', 'serving_requirements',
-           'local_rag_config', 'log_rag_model', 'rag_model_sha256', 'register_rag_model']
+           'local_rag_config', 'log_rag_model', 'version_weights', 'rag_model_sha256', 'register_rag_model']
 
 # %% ../nbs/10_agent.ipynb #cell-001
 import hashlib
@@ -15,6 +15,7 @@ from importlib.metadata import requires
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.pyfunc import ResponsesAgent
 from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse, ResponsesAgentStreamEvent
 
@@ -170,6 +171,21 @@ def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                                        model_config=config, pip_requirements=serving_requirements(),
                                        input_example={'input': [{'role': 'user', 'content': example}]},
                                        registered_model_name=registered_name)
+
+# %% ../nbs/10_agent.ipynb #cell-071
+def version_weights(name:str, # a registered RAG model
+                    version:int|str, # one of its versions
+                    dst:Path|str # a folder to download into
+                   )->tuple[Path, Path|None]:
+    "The base model folder and the LoRA adapter (None if it has none) of a self-hosted version of `name`."
+    uri = f"models:/{name}/{version}"
+    spec = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(f"{uri}/MLmodel", dst_path=str(dst))).read_text())
+    pyfunc = spec['flavors']['python_function']
+    cfg, packed = pyfunc.get('config') or {}, pyfunc.get('artifacts') or {}
+    if cfg.get('generator') != 'local': raise ValueError(f"{name} version {version} calls an LLM over HTTP: no weights")
+    arts = {a: mlflow.artifacts.download_artifacts(f"{uri}/{packed[a]['path']}", dst_path=str(dst))
+            for a in ('adapter', 'base_model', 'base_gguf') if a in packed}
+    return _base_folder(arts, cfg), Path(arts['adapter']) if 'adapter' in arts else None
 
 # %% ../nbs/10_agent.ipynb #cell-020
 def _files(folder:Path|str, pattern:str='**/*')->list[tuple[str, str]]:

@@ -10,6 +10,7 @@ __all__ = ['ensure_corpus', 'main', 'corpus', 'feedback', 'repro', 'monitor', 's
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -117,14 +118,28 @@ def search_cmd(query, k, index_dir, as_json):
             click.echo('       ' + ' '.join(h['text'].split())[:300] + '\n')
 
 # %% ../nbs/13_cli.ipynb #cell-014
+def _version_weights(version:int, dst:Path)->tuple[Path, Path]:
+    "A registered version's base model and adapter, downloaded into `dst`; an error if it has no adapter."
+    from mlflow.exceptions import MlflowException
+    from llmops_tpl.agent import version_weights
+    name, _ = _registry()
+    try: base, adapter = version_weights(name, version, dst)
+    except (ValueError, MlflowException) as e: raise click.ClickException(str(e))
+    if adapter is None: raise click.ClickException(f"{name} version {version} has no adapter: serve {base} as it is")
+    return base, adapter
+
 @main.command()
-def merge():
-    "Merge the pipeline's LoRA adapter (`paths.adapter`) into its base model into `paths.merged`."
+@click.option('--version', type=int, default=None, help="a registered version's adapter (default: `paths.adapter`)")
+def merge(version):
+    "Merge a LoRA adapter into its base model as one checkpoint in `paths.merged` (for vLLM, say)."
     from llmops_tpl.finetune import merge_adapter
     paths = load_params()['paths']
-    base = json.loads(project_path(paths['base_model']).read_text())
-    try: out = merge_adapter(project_path(base['path']), project_path(paths['adapter']), project_path(paths['merged']))
-    except ValueError as e: raise click.ClickException(str(e))
+    with tempfile.TemporaryDirectory() as d:
+        base, adapter = (_version_weights(version, Path(d)) if version is not None else
+                         (project_path(json.loads(project_path(paths['base_model']).read_text())['path']),
+                          project_path(paths['adapter'])))
+        try: out = merge_adapter(base, adapter, project_path(paths['merged']))
+        except ValueError as e: raise click.ClickException(str(e))
     click.echo(f"merged model: {out}")
 
 @main.command(hidden=True)

@@ -64,7 +64,8 @@ def plan_endpoint(name:str, # the endpoint's name, which clients pass as `model`
     provider, key_env = spec.get('provider', SELFHOSTED), spec.get('key_env')
     offline = provider in VENDORS and not env.get(key_env or '')
     if provider == SELFHOSTED or offline:
-        api_base, key_env = selfhosted_url.rstrip('/') + spec.get('path', '/llm/v1'), None
+        api_base = (spec.get('url') or selfhosted_url).rstrip('/') + spec.get('path', '/llm/v1')  # `url`: vLLM, say
+        key_env = None
         provider = 'openai'  # the self-hosted server speaks OpenAI's API
     else: api_base = spec.get('api_base')
     return {'endpoint': name, 'provider': provider, 'model': spec['model'], 'api_base': api_base, 'key_env': key_env,
