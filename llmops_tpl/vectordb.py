@@ -74,6 +74,7 @@ def sync_vectors(conn:psycopg.Connection, # from `connect`
                  ef_construction:int=200 # candidate list size while building
                 )->dict:
     "Make `table` hold `vectors`: add the missing, delete the rest but `keep`; returns the counts."
+    if not vectors: raise ValueError('no vectors to store: the corpus produced no text (see the prepare report)')
     _create_table(conn, table, len(next(iter(vectors.values()))))
     have = {h for (h,) in conn.execute(sql.SQL('SELECT content_hash FROM {}').format(sql.Identifier(table)))}
     added, removed = {h: v for h, v in vectors.items() if h not in have}, sorted(have - set(vectors) - set(keep))
@@ -90,9 +91,23 @@ class VectorTable:
                  table:str, # `vector_table`
                  ef_search:int=64 # candidate list size while querying
                 ):
-        self.conn, self.table, self.lock = connect(url), sql.Identifier(table), threading.Lock()
-        self.conn.execute(sql.SQL('SET hnsw.ef_search = {}').format(sql.Literal(min(ef_search, 1000))))
-        self.conn.execute("SET hnsw.iterative_scan = relaxed_order")  # a LIMIT past ef_search still gets its rows
+        self.url, self.table, self.ef_search, self.lock = url, sql.Identifier(table), ef_search, threading.Lock()
+        self.conn = self._connect()
+
+    def _connect(self)->psycopg.Connection:
+        "A connection searching with `ef_search` candidates, and past them when a query asks for more rows."
+        conn = connect(self.url)
+        conn.execute(sql.SQL('SET hnsw.ef_search = {}').format(sql.Literal(min(self.ef_search, 1000))))
+        conn.execute("SET hnsw.iterative_scan = relaxed_order")  # a LIMIT past ef_search still gets its rows
+        return conn
+
+    def _rows(self, query:sql.Composed, args:tuple=())->list[tuple]:
+        "The rows of `query`, connecting again once if the server dropped the connection (a restart, say)."
+        with self.lock:
+            try: return self.conn.execute(query, args).fetchall()
+            except psycopg.OperationalError:
+                self.conn = self._connect()
+                return self.conn.execute(query, args).fetchall()
 
     def nearest(self, qv:np.ndarray, # the query's vector, (dim,) or (1, dim)
                 n:int # how many rows
@@ -100,16 +115,14 @@ class VectorTable:
         "The `n` rows nearest `qv`: (content hash, cosine distance), nearest first."
         q = np.asarray(qv, dtype=np.float32).reshape(-1)
         query = sql.SQL('SELECT content_hash, embedding <=> %s AS d FROM {} ORDER BY embedding <=> %s LIMIT %s')
-        with self.lock: rows = self.conn.execute(query.format(self.table), (q, q, n)).fetchall()
-        return sorted(rows, key=lambda r: r[1])
+        return sorted(self._rows(query.format(self.table), (q, q, n)), key=lambda r: r[1])
 
     def vectors(self, hashes:list[str] # content hashes
                )->dict[str, np.ndarray]:
         "The vectors of `hashes` that the table holds."
         query = sql.SQL('SELECT content_hash, embedding FROM {} WHERE content_hash = ANY(%s)').format(self.table)
-        with self.lock: rows = self.conn.execute(query, (list(hashes),)).fetchall()
-        return {h: np.asarray(v.to_numpy(), dtype=np.float32) for h, v in rows}
+        return {h: np.asarray(v.to_numpy(), dtype=np.float32) for h, v in self._rows(query, (list(hashes),))}
 
     def count(self)->int:
         "How many rows the table holds."
-        with self.lock: return self.conn.execute(sql.SQL('SELECT count(*) FROM {}').format(self.table)).fetchone()[0]
+        return self._rows(sql.SQL('SELECT count(*) FROM {}').format(self.table))[0][0]
