@@ -57,7 +57,7 @@ def measure(data, queries, k, M, ef_construction, efs):
 def main(n, n_queries, k=10, seed=0):
     p = load_params()
     r = Retriever(project_path(p['paths']['index']))
-    real = r.index.get_items(range(r.manifest['count']), return_type='numpy').astype('float32')
+    real = r.vectors(range(r.manifest['count'])).astype('float32')
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(real))
     queries, base = real[perm[:n_queries]], real[perm[n_queries:]]
