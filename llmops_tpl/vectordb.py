@@ -75,16 +75,17 @@ def sync_vectors(conn:psycopg.Connection, # from `connect`
                 )->dict:
     "Make `table` hold `vectors`: add the missing, delete the rest but `keep`; returns the counts."
     if not vectors: raise ValueError('no vectors to store: the corpus produced no text (see the prepare report)')
-    _create_table(conn, table, len(next(iter(vectors.values()))))
-    have = {h for (h,) in conn.execute(sql.SQL('SELECT content_hash FROM {}').format(sql.Identifier(table)))}
-    added, removed = {h: v for h, v in vectors.items() if h not in have}, sorted(have - set(vectors) - set(keep))
     with conn.transaction():
+        conn.execute('SELECT pg_advisory_xact_lock(hashtext(%s))', (table,))  # one build at a time writes a table
+        _create_table(conn, table, len(next(iter(vectors.values()))))
+        have = {h for (h,) in conn.execute(sql.SQL('SELECT content_hash FROM {}').format(sql.Identifier(table)))}
+        added, removed = {h: v for h, v in vectors.items() if h not in have}, sorted(have - set(vectors) - set(keep))
         conn.execute(sql.SQL('DELETE FROM {} WHERE content_hash = ANY(%s)').format(sql.Identifier(table)), (removed,))
         _copy_rows(conn, table, added)
-    _create_hnsw(conn, table, M, ef_construction)
+        _create_hnsw(conn, table, M, ef_construction)
     return {'added': len(added), 'removed': len(removed), 'rows': len(have) + len(added) - len(removed)}
 
-# %% ../nbs/21_vectordb.ipynb #cell-014
+# %% ../nbs/21_vectordb.ipynb #cell-016
 class VectorTable:
     "Nearest rows to a vector, and rows' vectors, of one pgvector table."
     def __init__(self, url:str, # a libpq URL (`server_url`)
