@@ -60,13 +60,14 @@ class IndexRelease(mlflow.pyfunc.PythonModel):
 # %% ../nbs/20_release.ipynb #cell-013
 def release_tags(index_dir:Path|str # an index folder (`build_index`)
                 )->dict[str, str]:
-    "What a release records of its index: files' hash, embedder, chunk and document counts, corpus."
+    "What a release records of its index: files' hash, embedder, counts, corpus, where its vectors live."
     manifest = json.loads((Path(index_dir)/'manifest.json').read_text())
     chunks = pd.read_parquet(Path(index_dir)/'chunks.parquet', columns=['chunk_id', 'source'])
     corpus = hashlib.sha256('\n'.join(sorted(chunks.chunk_id)).encode()).hexdigest()
     return {'content_sha256': index_sha256(index_dir), 'embedder': manifest['embedder']['name'],
             'embedder_sha256': manifest['embedder']['sha256'], 'chunks': str(manifest['count']),
-            'documents': str(chunks.source.nunique()), 'corpus_sha256': corpus}
+            'documents': str(chunks.source.nunique()), 'corpus_sha256': corpus,
+            'vectors': manifest.get('store', {}).get('table', 'hnsw.bin')}  # a pgvector table, or the folder's graph
 
 def log_index_release(index_dir:Path|str, # the index folder to release
                       name:str # the registered model of index releases (`mlflow.index_model_name`)

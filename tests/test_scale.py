@@ -95,6 +95,8 @@ def test_the_index_vectors_live_in_the_team_postgres_and_a_refresh_adds_only_the
     manifest = read_json(team_project/'data'/'index'/'manifest.json')
     assert manifest['store']['kind'] == 'pgvector' and manifest['store']['url'] == team_server['vectors'], manifest['store']
     assert not (team_project/'data'/'index'/'hnsw.bin').exists() and not (team_project/'data'/'pgvector').exists()
+    mlflow.set_tracking_uri(team_server['url'])
+    assert mlflow.MlflowClient().get_model_version_by_alias('llmops-tpl-index', 'live').tags['vectors'] == manifest['store']['table']
     rows, texts = vector_rows(team_server, team_project/'data'/'index')
     assert rows >= len(texts) > 20, (rows, len(texts))
     page = team_project/'data'/'raw'/'config.md'
