@@ -112,7 +112,7 @@ def test_the_app_chats_with_the_champion_through_the_gateway(gateway, small_proj
     "The app's `api` route: @champion's retrieval, the gateway's openai-chat endpoint writing the answer, the turn traced with its route."
     from llmops_tpl.app import AppModels, answer_turn
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
-    before = len(traces(gateway, 'openai-chat', 0))
+    before = len(settled(gateway, 'openai-chat', 0))  # other tests' traces may still be arriving
     models = AppModels('llmops-tpl-rag', {'base_url': openai_base_url(gateway['url']), 'model': 'openai-chat', 'timeout': 60, 'max_retries': 0})
     res = answer_turn(models.chain('api'), 'How do I parse JSON text?', {'route': 'api', 'model_version': models.champion.version})
     assert res['answer'].strip() and res['passages'] and res['generator'] == 'openai-chat'
