@@ -94,11 +94,42 @@ def repro(ctx, stages):
     os.chdir(find_root())
     ctx.exit(dvc(['repro', *stages]))
 
+def _reference(params:dict # the project's params
+              )->list[float]:
+    "The held-out questions' best retrieval scores; none before the index and the questions are built."
+    from llmops_tpl.alerts import reference_scores
+    from llmops_tpl.index import Retriever
+    questions, index = project_path(params['paths']['dataset'])/'eval.jsonl', project_path(params['paths']['index'])
+    if not (questions.exists() and (index/'manifest.json').exists()): return []
+    return reference_scores(Retriever(index), [json.loads(line)['question'] for line in questions.open()])
+
+def _follow(params:dict # the project's params
+           ):
+    "Poll every `monitor.follow_seconds`; print the live view when it changes, and each alert that fires."
+    import time
+    import mlflow
+    from llmops_tpl.alerts import Follower
+    mlflow.set_tracking_uri(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'))
+    follower, seen = Follower(params['mlflow']['experiment'], _feedback_store(params), params['monitor'],
+                              _reference(params)), None
+    click.echo(f"following {params['mlflow']['experiment']} every {params['monitor']['follow_seconds']} s (Ctrl-C)")
+    while True:
+        view = follower.poll()
+        for a in view['fired']: click.echo(click.style(f"ALERT {a['rule']}: {a['metric']} {a['value']} ({a['limit']})",
+                                                       fg='red', bold=True))
+        if (view['turns'], view['ratings'], view['checks'].firing.tolist()) != seen:
+            seen = (view['turns'], view['ratings'], view['checks'].firing.tolist())
+            click.echo(f"\n{view['turns']} turns, {view['ratings']} ratings\n{view['versions'].to_string()}\n"
+                       f"{view['checks'].to_string(index=False)}")
+        time.sleep(params['monitor']['follow_seconds'])
+
 @main.command()
+@click.option('--follow', is_flag=True, help='watch turns and ratings as they arrive and fire alerts, until Ctrl-C')
 @click.pass_context
-def monitor(ctx):
-    "Read new traffic and feedback into the monitoring report (`dvc repro monitor`)."
-    ctx.invoke(repro, stages=('monitor',))
+def monitor(ctx, follow):
+    "Read new traffic and feedback into the report (`dvc repro monitor`), or follow it live (`--follow`)."
+    if follow: _follow(load_params())
+    else: ctx.invoke(repro, stages=('monitor',))
 
 # %% ../nbs/13_cli.ipynb #cell-010
 @main.command('search')

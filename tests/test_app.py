@@ -1,5 +1,6 @@
 "The app and feedback as data: the store under concurrent writers (SQLite and a real PostgreSQL), the app in a real browser."
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import expect
 
-from conftest import BIN, copy_database, read_json, run, start, stop
+from conftest import BIN, copy_database, copy_project, read_json, run, start, stop
 from llmops_tpl.examples import free_port
 from llmops_tpl.feedback import FEEDBACK, export_reviewed, open_store, read_table, review
 
@@ -234,3 +235,54 @@ def test_only_named_reviewers_review_and_repeated_failed_logins_are_refused(smal
         assert login('ben', 'pw-ben') == 400, 'locked out, right password or not'
         assert login('ana', 'pw-ana') == 200
     finally: stop(proc)
+
+
+def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(small_project, approved, tmp_path):
+    "`llmops-tpl monitor --follow` on a copy of the project: three answers rated down through the app's API post one alert, once."
+    import threading
+    import yaml
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from llmops_tpl.alerts import read_alerts
+    received = []
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((time.monotonic(), json.loads(self.rfile.read(int(self.headers['Content-Length'])))))
+            self.send_response(200); self.end_headers()
+        def log_message(self, *args): pass
+    hook = HTTPServer(('127.0.0.1', free_port()), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    project = copy_project(small_project, tmp_path/'project')  # its own params, feedback store and traces
+    params = yaml.safe_load((project/'params.yaml').read_text())
+    params['monitor'].update(follow_seconds=1, alert_min_count=3, alerts={'burst': {'metric': 'satisfaction', 'window': 3, 'below': 0.5}})
+    (project/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    store_url, port = f"sqlite:///{tmp_path/'feedback.db'}", free_port()  # a store of its own: only this test's ratings
+    env = {'LLMOPS_ALERT_WEBHOOK': f"http://127.0.0.1:{hook.server_port}/alerts", 'LLMOPS_FEEDBACK_STORE': store_url}
+    follower = subprocess.Popen([BIN/'llmops-tpl', 'monitor', '--follow'], cwd=project, env={**os.environ, **env},
+                                stdout=open(tmp_path/'follow.log', 'w'), stderr=subprocess.STDOUT)
+    app = start([BIN/'llmops-tpl', 'app', '--port', str(port)], project, f"http://127.0.0.1:{port}/", env=env, log=tmp_path/'app.log')
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for question in ('How do I serve static files?', 'How do I mount a sub-application?', 'How do I test my app?'):
+            client.predict(question, 'selfhosted', [], api_name='/ask')
+            assert client.predict('down', 'not what I asked', '', api_name='/feedback')[0].startswith('Thank you')
+        rated = time.monotonic()
+        for _ in range(60):
+            if received: break
+            time.sleep(0.5)
+        assert received, (tmp_path/'follow.log').read_text()[-3000:]
+        print(f"alert latency from the last thumbs-down to the webhook: {received[0][0] - rated:.1f} s")
+        time.sleep(4)  # four more polls: the open alert is not posted again
+        assert [body['rule'] for _, body in received] == ['burst'] and received[0][1]['value'] == 0.0, received
+        alert = read_alerts(open_store(store_url)).iloc[0]
+        assert alert.delivered_at and alert.resolved_at is None and alert['count'] == 3
+        mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
+        for _ in range(20):  # the newest turn's trace is tagged (the trace itself is written in the background)
+            tags = mlflow.get_trace(alert.trace_id).info.tags if alert.trace_id else {}
+            if 'alert.burst' in tags: break
+            time.sleep(0.5)
+        assert tags.get('alert.burst') == '0.0', tags
+        assert 'ALERT burst: satisfaction 0.0 (below 0.5)' in (tmp_path/'follow.log').read_text()
+    finally:
+        stop(app)
+        stop(follower)
+        hook.shutdown()
