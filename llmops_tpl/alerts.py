@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'ALERTS', 'window_value', 'check_rules', 'webhook_url', 'post_alert', 'update_alerts', 'read_alerts',
-           'reference_scores', 'Follower']
+           'reference_scores', 'Follower', 'alerts_markdown']
 
 # %% ../nbs/23_alerts.ipynb #cell-001
 import json
 import os
+import threading
 import time
-from pathlib import Path
+from typing import Callable
 
 import httpx
 import mlflow
@@ -152,19 +153,22 @@ class Follower:
     def __init__(self, experiment:str, # the experiment the app traces into
                  store:sa.Engine, # the feedback store
                  monitor:dict, # the `monitor` section of params.yaml
-                 reference:list[float] # from `reference_scores`
+                 reference:list[float]|Callable, # from `reference_scores`, or a function computing them at first poll
+                 min_interval:float=0 # a poll sooner than this after the last returns the last view (the app's tabs)
                 ):
-        self.experiment, self.store, self.monitor, self.reference = experiment, store, monitor, reference
-        self.turns, self.webhook = chat_turns(experiment), webhook_url(monitor)
+        self.experiment, self.store, self.monitor, self.min_interval = experiment, store, monitor, min_interval
+        self.reference, self.webhook, self.turns = reference, webhook_url(monitor), None
+        self._lock, self._view, self._at = threading.Lock(), None, 0.0
 
     def _read(self)->pd.DataFrame:
-        since = int(self.turns.time_ms.max()) - 300_000 if len(self.turns) else 0
+        since = int(self.turns.time_ms.max()) - 300_000 if self.turns is not None and len(self.turns) else 0
         new = chat_turns(self.experiment, since)
-        self.turns = pd.concat([self.turns, new], ignore_index=True).drop_duplicates('trace_id', keep='last')
+        self.turns = new if self.turns is None else pd.concat([self.turns, new], ignore_index=True).drop_duplicates(
+            'trace_id', keep='last')
+        if callable(self.reference): self.reference = self.reference()
         return read_table(self.store)
 
-    def poll(self)->dict:
-        "Read what is new, judge the rules, open and post alerts; the live view."
+    def _judge(self)->dict:
         feedback, rules = self._read(), self.monitor.get('alerts', {})
         checks = check_rules(rules, self.turns, feedback, self.reference, self.monitor.get('alert_min_count', 5))
         fired = update_alerts(self.store, checks, self.webhook, self.turns)
@@ -173,3 +177,18 @@ class Follower:
         return {'versions': summarize_traffic(recent, feedback.tail(window)), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback.tail(window), 5), 'turns': len(self.turns),
                 'ratings': len(feedback), 'open_alerts': read_alerts(self.store).query('resolved_at.isna()')}
+
+    def poll(self)->dict:
+        "Read what is new, judge the rules, open and post alerts; the live view."
+        with self._lock:
+            if self._view is None or time.monotonic() - self._at >= self.min_interval:
+                self._view, self._at = self._judge(), time.monotonic()
+            return self._view
+
+def alerts_markdown(view:dict # from `Follower.poll`
+                   )->str:
+    "What the live view has read, and the alerts open, in a line of Markdown."
+    opened = '; '.join(f"**{a['rule']}**: {a['metric']} {a['value']} ({a['limit']}) since {a['fired_at'][:19]}"
+                       for a in view['open_alerts'].to_dict('records'))
+    return f"{view['turns']} turns and {view['ratings']} ratings read. " + (f"Alerts open: {opened}" if opened
+                                                                           else 'No alert open.')

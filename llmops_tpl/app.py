@@ -22,6 +22,7 @@ import pandas as pd
 import sqlalchemy as sa
 from mlflow.entities import SpanType
 
+from .alerts import Follower, alerts_markdown
 from .feedback import FEEDBACK, add_feedback, add_vote, read_table, review
 from .rag import NO_ANSWER, GeneratorError, OpenAIGenerator, RAGChain
 from .registry import approve
@@ -453,19 +454,40 @@ def _header(models:AppModels # the versions to talk to
     if champ.alias == 'champion': return text
     return text + f"\n\n**No version is approved yet: you are talking to @{champ.alias} (version {champ.version}).**"
 
+def _monitor_view(follower:Follower # the app's live view
+                 )->tuple:
+    "The Monitor tab's contents: the headline with the open alerts, and the tables."
+    try: view = follower.poll()
+    except Exception as e: return f"Monitoring cannot read the traffic now: {type(e).__name__}.", None, None, None
+    return alerts_markdown(view), view['versions'].reset_index(), view['checks'], view['rated_down']
+
+def _monitor_tab(follower:Follower, # the app's live view
+                 seconds:float # how often it is read again
+                ):
+    "The Monitor tab: traffic, ratings and alert rules of the latest window, read again every `seconds`."
+    with gr.Tab('Monitor'):
+        head = gr.Markdown('Reading the traffic...')
+        versions = gr.Dataframe(label='Per model version, over the latest turns and ratings', interactive=False)
+        checks = gr.Dataframe(label='Alert rules (monitor.alerts)', interactive=False)
+        down = gr.Dataframe(label='Rated down lately', interactive=False, wrap=True)
+    gr.Timer(seconds).tick(lambda: _monitor_view(follower), None, [head, versions, checks, down], api_name='monitor')
+
 def build_app(models:AppModels, # the versions to talk to
               store:sa.Engine, # the feedback store
               max_chars:int=4000, # the longest question accepted
               route:str='selfhosted', # the chat route selected at first
               forward:threading.Event|None=None, # `forward_in_background`'s event: set after each feedback
               # the logins that may vote, approve and review feedback; None: anyone the app lets in
-              reviewers:tuple|None=None
+              reviewers:tuple|None=None,
+              follower:Follower|None=None, # the live view for the Monitor tab; None: no such tab
+              monitor_seconds:float=5 # how often the Monitor tab reads it again
              )->gr.Blocks:
-    "The Gradio app: chat with feedback, and review (compare, approve, review feedback)."
+    "The Gradio app: chat with feedback, review (compare, approve, review feedback) and the live monitor."
     def on_load(request:gr.Request=None): return _on_load(store, reviewers, len(actions), request)
     with gr.Blocks(title='llmops-tpl') as app:
         gr.Markdown(_header(models))
         _chat_tab(models, store, max_chars, route, forward)
         pending, reviewer, notice, actions = _review_tab(models, store, max_chars, reviewers)
+        if follower: _monitor_tab(follower, monitor_seconds)
         app.load(on_load, None, [pending, reviewer, notice, *actions], api_name=False)
     return app

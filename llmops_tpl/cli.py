@@ -114,10 +114,13 @@ def _follow(params:dict # the project's params
                               _reference(params)), None
     click.echo(f"following {params['mlflow']['experiment']} every {params['monitor']['follow_seconds']} s (Ctrl-C)")
     while True:
-        view = follower.poll()
-        for a in view['fired']: click.echo(click.style(f"ALERT {a['rule']}: {a['metric']} {a['value']} ({a['limit']})",
-                                                       fg='red', bold=True))
-        if (view['turns'], view['ratings'], view['checks'].firing.tolist()) != seen:
+        try: view = follower.poll()
+        except Exception as e:  # the tracking server or the store restarting: try again at the next poll
+            click.echo(f"could not read the traffic ({type(e).__name__}: {e}); trying again", err=True)
+            view = None
+        for a in view['fired'] if view else []:
+            click.echo(click.style(f"ALERT {a['rule']}: {a['metric']} {a['value']} ({a['limit']})", fg='red'))
+        if view and (view['turns'], view['ratings'], view['checks'].firing.tolist()) != seen:
             seen = (view['turns'], view['ratings'], view['checks'].firing.tolist())
             click.echo(f"\n{view['turns']} turns, {view['ratings']} ratings\n{view['versions'].to_string()}\n"
                        f"{view['checks'].to_string(index=False)}")
@@ -375,12 +378,15 @@ def _ui(models, # from `_app_models`
         reviewers:tuple|None # from `app_reviewers`
        ):
     "The Gradio app over `models`, its feedback forwarded to the traces in the background."
+    from llmops_tpl.alerts import Follower
     from llmops_tpl.app import build_app
     from llmops_tpl.feedback import forward_in_background
-    store = _feedback_store(params)
+    store, seconds = _feedback_store(params), params['monitor']['follow_seconds']
     forward = forward_in_background(store, forward_seconds or params['app']['forward_seconds'])
     route = route or params['rag']['architecture']
-    return build_app(models, store, params['serve']['max_prompt_chars'], route, forward, reviewers)
+    follower = Follower(params['mlflow']['experiment'], store, params['monitor'], lambda: _reference(params),
+                        seconds / 2)
+    return build_app(models, store, params['serve']['max_prompt_chars'], route, forward, reviewers, follower, seconds)
 
 def _launch(ui, # from `_ui`
             host:str, # bind address

@@ -271,7 +271,11 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
             time.sleep(0.5)
         assert received, (tmp_path/'follow.log').read_text()[-3000:]
         print(f"alert latency from the last thumbs-down to the webhook: {received[0][0] - rated:.1f} s")
-        time.sleep(4)  # four more polls: the open alert is not posted again
+        head, versions, checks, rated_down = client.predict(api_name='/monitor')  # the app's Monitor tab judges the same rules
+        assert re.match(r'\d+ turns and 3 ratings read\. Alerts open: \*\*burst\*\*: satisfaction 0\.0 \(below 0\.5\)', head), head
+        assert checks['data'] == [['burst', 'satisfaction', 3, 'below 0.5', 0.0, 3, True]], checks
+        assert 'not what I asked' in str(rated_down) and '3' in str(versions['data'])
+        time.sleep(4)  # four more polls of the follower, and the app's: the open alert is not posted again
         assert [body['rule'] for _, body in received] == ['burst'] and received[0][1]['value'] == 0.0, received
         alert = read_alerts(open_store(store_url)).iloc[0]
         assert alert.delivered_at and alert.resolved_at is None and alert['count'] == 3
