@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'ALERTS', 'window_value', 'check_rules', 'webhook_url', 'post_alert', 'update_alerts', 'read_alerts',
-           'reference_scores', 'Follower', 'alerts_markdown']
+           'in_sample', 'score_online', 'online_summary', 'reference_scores', 'Follower', 'alerts_markdown']
 
 # %% ../nbs/23_alerts.ipynb #cell-001
+import hashlib
 import json
 import os
 import threading
@@ -17,9 +18,10 @@ import httpx
 import mlflow
 import pandas as pd
 import sqlalchemy as sa
+from mlflow.entities import AssessmentSource
 
 from .config import now
-from .monitor import chat_turns, failing_questions, score_drift, summarize_traffic
+from .monitor import ONLINE_MARK, chat_turns, failing_questions, score_drift, summarize_traffic
 from .feedback import read_table
 
 # %% ../nbs/23_alerts.ipynb #cell-005
@@ -142,6 +144,35 @@ def read_alerts(store:sa.Engine # the feedback store
     with store.connect() as conn: return pd.read_sql(sa.select(ALERTS).order_by(ALERTS.c.id.desc()), conn)
 
 # %% ../nbs/23_alerts.ipynb #cell-016
+def in_sample(trace_id:str, # a turn's trace
+              share:float # the share of turns sampled, 0 to 1
+             )->bool:
+    "Whether the turn is in the sample: the same answer in every process."
+    return int(hashlib.sha256(trace_id.encode()).hexdigest()[:8], 16) < share * 16**8
+
+def score_online(turns:pd.DataFrame, # turns read by `chat_turns`; those scored here are marked `online_scored`
+                 share:float # `monitor.online_eval_share`
+                )->int:
+    "Attach the turn metrics to the sampled turns' traces that have none yet; how many turns were scored."
+    source = AssessmentSource(source_type='CODE', source_id='llmops-tpl online evaluation')
+    todo = turns[~turns.online_scored.eq(True) & turns.trace_id.map(lambda t: in_sample(t, share))]
+    for t in todo.itertuples():
+        scores = {'online_best_retrieval_score': None if pd.isna(t.top_score) else round(float(t.top_score), 4),
+                  'online_answer_words': int(t.answer_words), ONLINE_MARK: bool(t.cites_source)}  # the mark: last
+        for name, value in scores.items():
+            if value is not None: mlflow.log_feedback(trace_id=t.trace_id, name=name, value=value, source=source)
+    turns.loc[todo.index, 'online_scored'] = True
+    return len(todo)
+
+def online_summary(turns:pd.DataFrame # turns read by `chat_turns`
+                  )->pd.DataFrame:
+    "Per model version: turns scored online, their mean best retrieval score, citation share, length."
+    scored = turns[turns.online_scored.eq(True)].astype({'cites_source': float, 'answer_words': float})
+    return scored.groupby('model_version').agg(scored=('trace_id', 'size'), best_retrieval_score=('top_score', 'mean'),
+                                               cites_source=('cites_source', 'mean'),
+                                               answer_words=('answer_words', 'mean')).round(3)
+
+# %% ../nbs/23_alerts.ipynb #cell-019
 def reference_scores(retriever, # a `Retriever`
                      questions:list[str] # the held-out questions
                     )->list[float]:
@@ -169,13 +200,16 @@ class Follower:
         return read_table(self.store)
 
     def _judge(self)->dict:
+        "Score the sampled new turns, judge the rules, open and post alerts; the live view."
         feedback, rules = self._read(), self.monitor.get('alerts', {})
+        score_online(self.turns, self.monitor.get('online_eval_share', 0))
         checks = check_rules(rules, self.turns, feedback, self.reference, self.monitor.get('alert_min_count', 5))
         fired = update_alerts(self.store, checks, self.webhook, self.turns)
         window = max([r['window'] for r in rules.values()] or [50])
         recent = self.turns.sort_values('time_ms').tail(window)
         return {'versions': summarize_traffic(recent, feedback.tail(window)), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback.tail(window), 5), 'turns': len(self.turns),
+                'online': online_summary(recent),
                 'ratings': len(feedback), 'open_alerts': read_alerts(self.store).query('resolved_at.isna()')}
 
     def poll(self)->dict:

@@ -458,8 +458,9 @@ def _monitor_view(follower:Follower # the app's live view
                  )->tuple:
     "The Monitor tab's contents: the headline with the open alerts, and the tables."
     try: view = follower.poll()
-    except Exception as e: return f"Monitoring cannot read the traffic now: {type(e).__name__}.", None, None, None
-    return alerts_markdown(view), view['versions'].reset_index(), view['checks'], view['rated_down']
+    except Exception as e: return f"Monitoring cannot read the traffic now: {type(e).__name__}.", None, None, None, None
+    return (alerts_markdown(view), view['versions'].reset_index(), view['online'].reset_index(), view['checks'],
+            view['rated_down'])
 
 def _monitor_tab(follower:Follower, # the app's live view
                  seconds:float # how often it is read again
@@ -468,9 +469,11 @@ def _monitor_tab(follower:Follower, # the app's live view
     with gr.Tab('Monitor'):
         head = gr.Markdown('Reading the traffic...')
         versions = gr.Dataframe(label='Per model version, over the latest turns and ratings', interactive=False)
+        online = gr.Dataframe(label='Turns scored as they arrived (monitor.online_eval_share)', interactive=False)
         checks = gr.Dataframe(label='Alert rules (monitor.alerts)', interactive=False)
         down = gr.Dataframe(label='Rated down lately', interactive=False, wrap=True)
-    gr.Timer(seconds).tick(lambda: _monitor_view(follower), None, [head, versions, checks, down], api_name='monitor')
+    gr.Timer(seconds).tick(lambda: _monitor_view(follower), None, [head, versions, online, checks, down],
+                           api_name='monitor')
 
 def build_app(models:AppModels, # the versions to talk to
               store:sa.Engine, # the feedback store

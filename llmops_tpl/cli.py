@@ -123,7 +123,7 @@ def _follow(params:dict # the project's params
         if view and (view['turns'], view['ratings'], view['checks'].firing.tolist()) != seen:
             seen = (view['turns'], view['ratings'], view['checks'].firing.tolist())
             click.echo(f"\n{view['turns']} turns, {view['ratings']} ratings\n{view['versions'].to_string()}\n"
-                       f"{view['checks'].to_string(index=False)}")
+                       f"scored online:\n{view['online'].to_string()}\n{view['checks'].to_string(index=False)}")
         time.sleep(params['monitor']['follow_seconds'])
 
 @main.command()

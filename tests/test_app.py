@@ -243,6 +243,7 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
     import yaml
     from http.server import BaseHTTPRequestHandler, HTTPServer
     from llmops_tpl.alerts import read_alerts
+    ONLINE = {'online_best_retrieval_score', 'online_answer_words', 'online_cites_source'}
     received = []
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -253,7 +254,8 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     project = copy_project(small_project, tmp_path/'project')  # its own params, feedback store and traces
     params = yaml.safe_load((project/'params.yaml').read_text())
-    params['monitor'].update(follow_seconds=1, alert_min_count=3, alerts={'burst': {'metric': 'satisfaction', 'window': 3, 'below': 0.5}})
+    params['monitor'].update(follow_seconds=1, alert_min_count=3, online_eval_share=1.0,
+                             alerts={'burst': {'metric': 'satisfaction', 'window': 3, 'below': 0.5}})
     (project/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
     store_url, port = f"sqlite:///{tmp_path/'feedback.db'}", free_port()  # a store of its own: only this test's ratings
     env = {'LLMOPS_ALERT_WEBHOOK': f"http://127.0.0.1:{hook.server_port}/alerts", 'LLMOPS_FEEDBACK_STORE': store_url}
@@ -266,20 +268,28 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
             client.predict(question, 'selfhosted', [], api_name='/ask')
             assert client.predict('down', 'not what I asked', '', api_name='/feedback')[0].startswith('Thank you')
         rated = time.monotonic()
+        mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
         for _ in range(60):
             if received: break
             time.sleep(0.5)
         assert received, (tmp_path/'follow.log').read_text()[-3000:]
         print(f"alert latency from the last thumbs-down to the webhook: {received[0][0] - rated:.1f} s")
-        head, versions, checks, rated_down = client.predict(api_name='/monitor')  # the app's Monitor tab judges the same rules
+        for _ in range(20):  # the Monitor tab judges the same rules, and scores each turn once its trace is in
+            head, versions, online, checks, rated_down = client.predict(api_name='/monitor')
+            if sum(row[1] for row in online['data']) >= 3: break
+            time.sleep(1)
         assert re.match(r'\d+ turns and 3 ratings read\. Alerts open: \*\*burst\*\*: satisfaction 0\.0 \(below 0\.5\)', head), head
         assert checks['data'] == [['burst', 'satisfaction', 3, 'below 0.5', 0.0, 3, True]], checks
         assert 'not what I asked' in str(rated_down) and '3' in str(versions['data'])
+        assert sum(row[1] for row in online['data']) >= 3, online  # every turn scored as it arrived (share 1.0)
+        scored = [t for t in mlflow.search_traces(locations=[mlflow.get_experiment_by_name('llmops-tpl').experiment_id],
+                                                  filter_string="trace.name = 'chat_turn'", return_type='list')
+                  if any(a.name == 'online_cites_source' and a.source.source_type == 'CODE' for a in t.info.assessments)]
+        assert len(scored) >= 3 and all(len({a.name for a in t.info.assessments} & ONLINE) >= 2 for t in scored)
         time.sleep(4)  # four more polls of the follower, and the app's: the open alert is not posted again
         assert [body['rule'] for _, body in received] == ['burst'] and received[0][1]['value'] == 0.0, received
         alert = read_alerts(open_store(store_url)).iloc[0]
         assert alert.delivered_at and alert.resolved_at is None and alert['count'] == 3
-        mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
         for _ in range(20):  # the newest turn's trace is tagged (the trace itself is written in the background)
             tags = mlflow.get_trace(alert.trace_id).info.tags if alert.trace_id else {}
             if 'alert.burst' in tags: break
