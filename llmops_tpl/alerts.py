@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Callable
 
+from datetime import datetime, timedelta, timezone
+
 import httpx
 import mlflow
 import pandas as pd
@@ -22,7 +24,7 @@ from mlflow.entities import AssessmentSource
 
 from .config import now
 from .monitor import ONLINE_MARK, chat_turns, failing_questions, score_drift, summarize_traffic
-from .feedback import read_table
+from .feedback import FEEDBACK, read_table
 
 # %% ../nbs/23_alerts.ipynb #cell-005
 METRICS = ('satisfaction', 'latency_p95_s', 'error_rate', 'ks_statistic')
@@ -74,7 +76,7 @@ ALERTS = sa.Table('alerts', _meta, sa.Column('id', sa.Integer, primary_key=True,
                   sa.Column('rule', sa.Text, nullable=False), sa.Column('metric', sa.Text), sa.Column('limit', sa.Text),
                   sa.Column('value', sa.Float), sa.Column('count', sa.Integer), _time('fired_at'),
                   sa.Column('trace_id', sa.Text), _time('delivered_at'), sa.Column('delivery_error', sa.Text),
-                  _time('resolved_at'))
+                  _time('resolved_at'), _time('claimed_at'))
 # one open alert per rule, even when the follower and the monitor stage judge the same turns at the same moment
 sa.Index('one_open_alert_per_rule', ALERTS.c.rule, unique=True, sqlite_where=ALERTS.c.resolved_at.is_(None),
          postgresql_where=ALERTS.c.resolved_at.is_(None))
@@ -90,7 +92,7 @@ def post_alert(url:str, # the webhook
     "POST `alert` as JSON to `url`; None when accepted, else why not (never the URL: it may be secret)."
     try: httpx.post(url, json={'source': 'llmops-tpl', **alert}, timeout=10).raise_for_status()
     except httpx.HTTPStatusError as e: return f"HTTP {e.response.status_code}"
-    except httpx.HTTPError as e: return type(e).__name__
+    except Exception as e: return type(e).__name__  # a refused connection, a timeout, a malformed URL
     return None
 
 # %% ../nbs/23_alerts.ipynb #cell-012
@@ -114,9 +116,19 @@ def _record(store:sa.Engine, checks:pd.DataFrame, trace_id:str|None, webhook:str
                 fired.append({**row, 'id': conn.execute(ALERTS.insert().values(**row)).inserted_primary_key[0]})
             elif pd.notna(c['value']) and not c['firing'] and c['rule'] in opened:
                 conn.execute(ALERTS.update().where(ALERTS.c.id == opened[c['rule']]['id']).values(resolved_at=now()))
+        gone = [row['id'] for rule, row in opened.items() if rule not in set(checks.rule)]  # a rule no longer in params
+        if gone: conn.execute(ALERTS.update().where(ALERTS.c.id.in_(gone)).values(resolved_at=now()))
         waiting = [dict(r) for r in conn.execute(sa.select(ALERTS).where(
             ALERTS.c.delivered_at.is_(None) & ALERTS.c.resolved_at.is_(None))).mappings()] if webhook else []
     return fired, waiting
+
+def _claim(store:sa.Engine, alert_id:int)->bool:
+    "Claim the alert's delivery for this process (or take over a claim a minute old); whether it did."
+    stale = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat(timespec='microseconds')
+    with store.begin() as conn:
+        return conn.execute(ALERTS.update().where(
+            (ALERTS.c.id == alert_id) & ALERTS.c.delivered_at.is_(None) &
+            (ALERTS.c.claimed_at.is_(None) | (ALERTS.c.claimed_at < stale))).values(claimed_at=now())).rowcount == 1
 
 def update_alerts(store:sa.Engine, # the feedback store, which keeps the `alerts` table
                   checks:pd.DataFrame, # from `check_rules`
@@ -131,17 +143,19 @@ def update_alerts(store:sa.Engine, # the feedback store, which keeps the `alerts
         fired, waiting = _record(store, checks, trace_id, webhook)
     for alert in fired: _tag_trace(alert)
     for alert in waiting:
-        error = post_alert(webhook, alert)
+        if not _claim(store, alert['id']): continue  # another process is posting it
+        error = post_alert(webhook, {k: v for k, v in alert.items() if k != 'claimed_at'})
         with store.begin() as conn:
             conn.execute(ALERTS.update().where(ALERTS.c.id == alert['id']).values(
-                delivered_at=None if error else now(), delivery_error=error))
+                delivered_at=None if error else now(), delivery_error=error, claimed_at=None))
     return fired
 
 def read_alerts(store:sa.Engine # the feedback store
                )->pd.DataFrame:
-    "Every alert, newest first."
+    "Every alert, newest first; an empty field is None."
     _meta.create_all(store)
-    with store.connect() as conn: return pd.read_sql(sa.select(ALERTS).order_by(ALERTS.c.id.desc()), conn)
+    with store.connect() as conn: rows = pd.read_sql(sa.select(ALERTS).order_by(ALERTS.c.id.desc()), conn)
+    return rows.astype(object).where(rows.notna(), None)
 
 # %% ../nbs/23_alerts.ipynb #cell-016
 def in_sample(trace_id:str, # a turn's trace
@@ -156,13 +170,17 @@ def score_online(turns:pd.DataFrame, # turns read by `chat_turns`; those scored 
     "Attach the turn metrics to the sampled turns' traces that have none yet; how many turns were scored."
     source = AssessmentSource(source_type='CODE', source_id='llmops-tpl online evaluation')
     todo = turns[~turns.online_scored.eq(True) & turns.trace_id.map(lambda t: in_sample(t, share))]
-    for t in todo.itertuples():
+    done = []
+    for i, t in zip(todo.index, todo.itertuples()):
         scores = {'online_best_retrieval_score': None if pd.isna(t.top_score) else round(float(t.top_score), 4),
                   'online_answer_words': int(t.answer_words), ONLINE_MARK: bool(t.cites_source)}  # the mark: last
-        for name, value in scores.items():
-            if value is not None: mlflow.log_feedback(trace_id=t.trace_id, name=name, value=value, source=source)
-    turns.loc[todo.index, 'online_scored'] = True
-    return len(todo)
+        try:
+            for name, value in scores.items():
+                if value is not None: mlflow.log_feedback(trace_id=t.trace_id, name=name, value=value, source=source)
+        except Exception as e: print(f"turn {t.trace_id} not scored online ({type(e).__name__}): tried again later")
+        else: done.append(i)
+    turns.loc[done, 'online_scored'] = True
+    return len(done)
 
 def online_summary(turns:pd.DataFrame # turns read by `chat_turns`
                   )->pd.DataFrame:
@@ -191,26 +209,31 @@ class Follower:
         self.reference, self.webhook, self.turns = reference, webhook_url(monitor), None
         self._lock, self._view, self._at = threading.Lock(), None, 0.0
 
-    def _read(self)->pd.DataFrame:
-        since = int(self.turns.time_ms.max()) - 300_000 if self.turns is not None and len(self.turns) else 0
-        new = chat_turns(self.experiment, since)
-        self.turns = new if self.turns is None else pd.concat([self.turns, new], ignore_index=True).drop_duplicates(
-            'trace_id', keep='last')
+    def _read(self, window:int)->tuple[pd.DataFrame, int]:
+        "Turns traced since the last read (at first the newest), the latest `window` ratings, their count."
+        first = self.turns is None or not len(self.turns)
+        new = chat_turns(self.experiment, 0 if first else int(self.turns.time_ms.max()) - 300_000, newest=first)
+        turns = new if first else pd.concat([self.turns, new], ignore_index=True).drop_duplicates('trace_id',
+                                                                                                    keep='last')
+        self.turns = turns.sort_values('time_ms').tail(5000).reset_index(drop=True)  # enough for any window
         if callable(self.reference): self.reference = self.reference()
-        return read_table(self.store)
+        latest = FEEDBACK.c.id.in_(sa.select(FEEDBACK.c.id).order_by(FEEDBACK.c.id.desc()).limit(window))
+        with self.store.connect() as conn:
+            count = conn.execute(sa.select(sa.func.count()).select_from(FEEDBACK)).scalar()
+        return read_table(self.store, where=latest), int(count)
 
     def _judge(self)->dict:
-        "Score the sampled new turns, judge the rules, open and post alerts; the live view."
-        feedback, rules = self._read(), self.monitor.get('alerts', {})
-        score_online(self.turns, self.monitor.get('online_eval_share', 0))
+        "Judge the rules, open and post alerts, then score the sampled new turns; the live view."
+        rules = self.monitor.get('alerts', {})
+        window = max([r['window'] for r in rules.values()] or [50])
+        feedback, ratings = self._read(window)
         checks = check_rules(rules, self.turns, feedback, self.reference, self.monitor.get('alert_min_count', 5))
         fired = update_alerts(self.store, checks, self.webhook, self.turns)
-        window = max([r['window'] for r in rules.values()] or [50])
-        recent = self.turns.sort_values('time_ms').tail(window)
-        return {'versions': summarize_traffic(recent, feedback.tail(window)), 'checks': checks, 'fired': fired,
-                'rated_down': failing_questions(feedback.tail(window), 5), 'turns': len(self.turns),
-                'online': online_summary(recent),
-                'ratings': len(feedback), 'open_alerts': read_alerts(self.store).query('resolved_at.isna()')}
+        score_online(self.turns, self.monitor.get('online_eval_share', 0))
+        recent = self.turns.tail(window)
+        return {'versions': summarize_traffic(recent, feedback), 'checks': checks, 'fired': fired,
+                'rated_down': failing_questions(feedback, 5), 'turns': len(self.turns), 'ratings': ratings,
+                'online': online_summary(recent), 'open_alerts': read_alerts(self.store).query('resolved_at.isna()')}
 
     def poll(self)->dict:
         "Read what is new, judge the rules, open and post alerts; the live view."

@@ -116,7 +116,7 @@ def _follow(params:dict # the project's params
     while True:
         try: view = follower.poll()
         except Exception as e:  # the tracking server or the store restarting: try again at the next poll
-            click.echo(f"could not read the traffic ({type(e).__name__}: {e}); trying again", err=True)
+            click.echo(f"could not read the traffic ({type(e).__name__}); trying again", err=True)
             view = None
         for a in view['fired'] if view else []:
             click.echo(click.style(f"ALERT {a['rule']}: {a['metric']} {a['value']} ({a['limit']})", fg='red'))

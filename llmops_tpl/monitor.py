@@ -49,15 +49,17 @@ def _turn(t)->dict:
 
 def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.experiment`)
                since_ms:int=0, # only turns that started after this time (milliseconds since the epoch)
-               max_results:int=5000 # most turns read in one call
+               max_results:int=5000, # most turns read in one call
+               newest:bool=False # the newest `max_results` turns rather than the first
               )->pd.DataFrame:
-    "One row per chat turn after `since_ms`: time, version, route, state, latency, question, scores."
+    "One row per chat turn after `since_ms`, oldest first: time, version, route, state, latency, scores."
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None: return pd.DataFrame(columns=_TURN_COLUMNS)
     traces = mlflow.search_traces(locations=[exp.experiment_id],
                                   filter_string=f"trace.name = 'chat_turn' AND trace.timestamp_ms > {int(since_ms)}",
-                                  max_results=max_results, order_by=['timestamp_ms ASC'], return_type='list')
-    return pd.DataFrame([_turn(t) for t in traces], columns=_TURN_COLUMNS)
+                                  max_results=max_results, order_by=[f"timestamp_ms {'DESC' if newest else 'ASC'}"],
+                                  return_type='list')
+    return pd.DataFrame([_turn(t) for t in (traces[::-1] if newest else traces)], columns=_TURN_COLUMNS)
 
 # %% ../nbs/18_monitor.ipynb #cell-009
 def _cursor(monitor_dir:Path)->int:
