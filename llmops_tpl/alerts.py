@@ -8,13 +8,13 @@ __all__ = ['METRICS', 'ALERTS', 'window_value', 'check_rules', 'webhook_url', 'p
 
 # %% ../nbs/23_alerts.ipynb #cell-001
 import hashlib
-import json
 import os
 import threading
 import time
 from typing import Callable
 
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 import httpx
 import mlflow
@@ -81,6 +81,11 @@ ALERTS = sa.Table('alerts', _meta, sa.Column('id', sa.Integer, primary_key=True,
 sa.Index('one_open_alert_per_rule', ALERTS.c.rule, unique=True, sqlite_where=ALERTS.c.resolved_at.is_(None),
          postgresql_where=ALERTS.c.resolved_at.is_(None))
 
+@lru_cache(maxsize=None)
+def _tables(store:sa.Engine):
+    "Create the `alerts` table in `store` if it is missing: once per store and process."
+    _meta.create_all(store)
+
 def webhook_url(monitor:dict # the `monitor` section of params.yaml
                )->str|None:
     "Where alerts are posted: `LLMOPS_ALERT_WEBHOOK`, else `monitor.alert_webhook`; None for nowhere."
@@ -136,7 +141,7 @@ def update_alerts(store:sa.Engine, # the feedback store, which keeps the `alerts
                   turns:pd.DataFrame|None=None # the turns judged: the newest one's trace is tagged with each new alert
                  )->list[dict]:
     "Open alerts for rules that start firing, resolve those that stopped, post undelivered ones; the new."
-    _meta.create_all(store)
+    _tables(store)
     trace_id = turns.sort_values('time_ms').trace_id.iloc[-1] if turns is not None and len(turns) else None
     try: fired, waiting = _record(store, checks, trace_id, webhook)
     except sa.exc.IntegrityError:  # another process opened one of these alerts first: theirs stands, read again
@@ -150,11 +155,13 @@ def update_alerts(store:sa.Engine, # the feedback store, which keeps the `alerts
                 delivered_at=None if error else now(), delivery_error=error, claimed_at=None))
     return fired
 
-def read_alerts(store:sa.Engine # the feedback store
+def read_alerts(store:sa.Engine, # the feedback store
+                open_only:bool=False # only the alerts not resolved
                )->pd.DataFrame:
-    "Every alert, newest first; an empty field is None."
-    _meta.create_all(store)
-    with store.connect() as conn: rows = pd.read_sql(sa.select(ALERTS).order_by(ALERTS.c.id.desc()), conn)
+    "Every alert (or the open ones), newest first; an empty field is None."
+    _tables(store)
+    q = sa.select(ALERTS).order_by(ALERTS.c.id.desc())
+    with store.connect() as conn: rows = pd.read_sql(q.where(ALERTS.c.resolved_at.is_(None)) if open_only else q, conn)
     return rows.astype(object).where(rows.notna(), None)
 
 # %% ../nbs/23_alerts.ipynb #cell-016
@@ -233,7 +240,7 @@ class Follower:
         recent = self.turns.tail(window)
         return {'versions': summarize_traffic(recent, feedback), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback, 5), 'turns': len(self.turns), 'ratings': ratings,
-                'online': online_summary(recent), 'open_alerts': read_alerts(self.store).query('resolved_at.isna()')}
+                'online': online_summary(recent), 'open_alerts': read_alerts(self.store, open_only=True)}
 
     def poll(self)->dict:
         "Read what is new, judge the rules, open and post alerts; the live view."

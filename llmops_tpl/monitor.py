@@ -37,7 +37,8 @@ def _turn(t)->dict:
     docs, root = _retrieved(t), t.data.spans[0] if t.data.spans else None
     scores = [float(d['metadata']['score']) for d in docs if 'score' in d.get('metadata', {})]
     question = (root.inputs or {}).get('question', '') if root else ''
-    answer = str(((root.outputs or {}) if root and isinstance(root.outputs, dict) else {}).get('answer') or '')
+    outputs = root.outputs if root and isinstance(root.outputs, dict) else {}
+    answer = str(outputs.get('answer') or '')
     given = [{'source': d.get('metadata', {}).get('doc_uri')} for d in docs]
     return {'trace_id': t.info.trace_id, 'time_ms': t.info.request_time,
             'model_version': t.info.tags.get('model_version'), 'index_release': t.info.tags.get('index_release'),
