@@ -268,7 +268,7 @@ def _plans(g:dict, # the `gateway` params
           )->list[dict]:
     "The plans of `gateway.endpoints`, or a `ClickException` saying what is wrong with them."
     from llmops_tpl.gateway import plan_gateway
-    try: return plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'])
+    try: return plan_gateway(g['endpoints'], selfhosted_url or g['selfhosted_url'], guardrails=g.get('guardrails'))
     except ValueError as e: raise click.ClickException(str(e))
 
 def _apply(url:str, # the gateway server

@@ -8,7 +8,6 @@ __all__ = ['FEEDBACK', 'VOTES', 'RATINGS', 'VERDICTS', 'PREFERENCES', 'open_stor
 
 # %% ../nbs/16_feedback.ipynb #cell-001
 import json
-import re
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from .config import now
+from .guardrails import redact
 
 # %% ../nbs/16_feedback.ipynb #cell-005
 _meta = sa.MetaData()
@@ -139,22 +139,10 @@ def review(engine:sa.Engine, # the store
                                                                                     review_note=note or None))
 
 # %% ../nbs/16_feedback.ipynb #cell-016
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_KEY = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}"
-                  r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}")
-_ASSIGNED = re.compile(r"(?i)\b([\w-]*(?:api[_-]?key|token|secret|password|passwd)\s*[:=]\s*)[^\s\[]\S*")
-_PHONE = re.compile(r"(?<![\w.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,5}(?:[\s.-]\d{2,5}){1,4}(?![\w-])")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-def _phone(m:re.Match)->str:
-    digits = sum(c.isdigit() for c in m[0])
-    return '[phone]' if 9 <= digits <= 15 and not _DATE.fullmatch(m[0]) else m[0]
-
 def scrub(text:str|None # free text typed by a person
          )->str|None:
-    "`text` with email addresses, keys and phone numbers replaced by `[email]`, `[key]` and `[phone]`."
-    if not text: return text
-    return _PHONE.sub(_phone, _EMAIL.sub('[email]', _ASSIGNED.sub(r'\1[key]', _KEY.sub('[key]', text))))
+    "`text` with its personal data replaced by placeholders such as `[email]` and `[phone]` (`redact`)."
+    return redact(text)[0] if text else text
 
 # %% ../nbs/16_feedback.ipynb #cell-019
 def _unforwarded(engine:sa.Engine, limit:int)->pd.DataFrame:
