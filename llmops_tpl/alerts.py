@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'ALERTS', 'window_value', 'check_rules', 'webhook_url', 'post_alert', 'update_alerts', 'read_alerts',
-           'in_sample', 'score_online', 'online_summary', 'reference_scores', 'Follower', 'alerts_markdown']
+           'in_sample', 'score_online', 'online_summary', 'shadow_pairs', 'shadow_summary', 'reference_scores',
+           'Follower', 'alerts_markdown']
 
 # %% ../nbs/23_alerts.ipynb #cell-001
 import hashlib
@@ -59,6 +60,7 @@ def check_rules(rules:dict, # `monitor.alerts`: name -> {metric, window, below o
                 min_count:int=5 # a window with fewer turns or ratings is not judged
                )->pd.DataFrame:
     "Each rule's value over its window and whether it fires (`value` NaN: a window too small to judge)."
+    if 'traffic' in turns: turns = turns[turns.traffic.ne('shadow')]  # what users saw: shadow answers are not
     rows = []
     for name, rule in rules.items():
         side, limit = _limit(name, rule)
@@ -165,11 +167,11 @@ def read_alerts(store:sa.Engine, # the feedback store
     return rows.astype(object).where(rows.notna(), None)
 
 # %% ../nbs/23_alerts.ipynb #cell-016
-def in_sample(trace_id:str, # a turn's trace
-              share:float # the share of turns sampled, 0 to 1
+def in_sample(key:str, # a turn's trace id, or a user
+              share:float # the share sampled, 0 to 1
              )->bool:
-    "Whether the turn is in the sample: the same answer in every process."
-    return int(hashlib.sha256(trace_id.encode()).hexdigest()[:8], 16) < share * 16**8
+    "Whether `key` is in the sample: the same answer in every process."
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < share * 16**8
 
 def score_online(turns:pd.DataFrame, # turns read by `chat_turns`; those scored here are marked `online_scored`
                  share:float # `monitor.online_eval_share`
@@ -196,6 +198,32 @@ def online_summary(turns:pd.DataFrame # turns read by `chat_turns`
     return scored.groupby('model_version').agg(scored=('trace_id', 'size'), best_retrieval_score=('top_score', 'mean'),
                                                cites_source=('cites_source', 'mean'),
                                                answer_words=('answer_words', 'mean')).round(3)
+
+# %% ../nbs/23_alerts.ipynb #cell-017b
+_SIDE = ['model_version', 'answer', 'latency_s', 'cites_source', 'answer_words']
+
+def shadow_pairs(turns:pd.DataFrame # turns read by `chat_turns`
+                )->pd.DataFrame:
+    "Each shadow turn beside the turn it shadowed: the question, each side's version, answer and scores."
+    cols = ['time_ms', 'question'] + [f"{side}_{c}" for side in ('champion', 'challenger') for c in _SIDE]
+    if 'traffic' not in turns: return pd.DataFrame(columns=cols)
+    shadowed = turns[turns.traffic.ne('shadow')][['trace_id', 'question', *_SIDE]].add_prefix('champion_')
+    shadow = turns[turns.traffic.eq('shadow')][['time_ms', 'shadow_of', *_SIDE]].add_prefix('challenger_')
+    pairs = shadow.merge(shadowed, left_on='challenger_shadow_of', right_on='champion_trace_id')
+    return pairs.rename(columns={'challenger_time_ms': 'time_ms', 'champion_question': 'question'})[cols]
+
+def shadow_summary(pairs:pd.DataFrame # from `shadow_pairs`
+                  )->pd.DataFrame:
+    "Per pair of versions: pairs, identical answers, each side's latency p50, citations, mean length."
+    if pairs.empty: return pd.DataFrame()
+    p = pairs.assign(same_answer=pairs.champion_answer.eq(pairs.challenger_answer),
+                     **{f"{s}_cites_source": pairs[f"{s}_cites_source"].astype(float)
+                        for s in ('champion', 'challenger')})
+    sides = {f"{s}_{m}": (f"{s}_{c}", f) for s in ('champion', 'challenger')
+             for m, c, f in (('latency_p50_s', 'latency_s', 'median'), ('cites_source', 'cites_source', 'mean'),
+                             ('answer_words', 'answer_words', 'mean'))}
+    return p.groupby(['champion_model_version', 'challenger_model_version']).agg(
+        pairs=('time_ms', 'size'), same_answer=('same_answer', 'mean'), **sides).round(3)
 
 # %% ../nbs/23_alerts.ipynb #cell-019
 def reference_scores(retriever, # a `Retriever`
@@ -240,7 +268,8 @@ class Follower:
         recent = self.turns.tail(window)
         return {'versions': summarize_traffic(recent, feedback), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback, 5), 'turns': len(self.turns), 'ratings': ratings,
-                'online': online_summary(recent), 'open_alerts': read_alerts(self.store, open_only=True)}
+                'online': online_summary(recent), 'open_alerts': read_alerts(self.store, open_only=True),
+                'shadow': shadow_summary(pairs := shadow_pairs(self.turns)), 'shadow_pairs': pairs.tail(10)}
 
     def poll(self)->dict:
         "Read what is new, judge the rules, open and post alerts; the live view."
