@@ -123,7 +123,8 @@ def _follow(params:dict # the project's params
         if view and (view['turns'], view['ratings'], view['checks'].firing.tolist()) != seen:
             seen = (view['turns'], view['ratings'], view['checks'].firing.tolist())
             click.echo(f"\n{view['turns']} turns, {view['ratings']} ratings\n{view['versions'].to_string()}\n"
-                       f"scored online:\n{view['online'].to_string()}\n{view['checks'].to_string(index=False)}")
+                       f"scored online:\n{view['online'].to_string()}\n{view['checks'].to_string(index=False)}"
+                       + (f"\nshadow traffic:\n{view['shadow'].to_string()}" if len(view['shadow']) else ''))
         time.sleep(params['monitor']['follow_seconds'])
 
 @main.command()
@@ -350,13 +351,15 @@ def _api_settings(params:dict # the project's params
 
 def _app_models(name:str, # the registered RAG model
                 api:dict, # from `_api_settings`
-                index_name:str # the index releases (`mlflow.index_model_name`)
+                index_name:str, # the index releases (`mlflow.index_model_name`)
+                traffic:dict|None=None # `app.challenger_traffic`
                ):
     "`AppModels` on `@champion`, or on `@challenger` (saying so) while no version is approved."
     from llmops_tpl.app import AppModels
-    try: return AppModels(name, api, index_name=index_name)
+    try: return AppModels(name, api, index_name=index_name, traffic=traffic)
+    except ValueError as e: raise click.ClickException(str(e))
     except LookupError:  # a fresh project: nothing approved yet, so the demo shows the version the pipeline proposed
-        try: models = AppModels(name, api, 'challenger', index_name)
+        try: models = AppModels(name, api, 'challenger', index_name, traffic)
         except LookupError as e: raise click.ClickException(f"{e}; run the pipeline (llmops-tpl repro) and approve a "
                                                             "version (llmops-tpl approve)")
     click.echo(f"no {name}@champion yet: the app talks to @challenger (version {models.champion.version}) until a "
@@ -413,7 +416,8 @@ def app(host, port, route, forward_seconds):
     a, s = params['app'], params['serve']
     auth = _auth()
     torch.set_num_threads(s['threads'])
-    models = _app_models(name, _api_settings(params), params['mlflow']['index_model_name'])
+    models = _app_models(name, _api_settings(params), params['mlflow']['index_model_name'],
+                         params['app'].get('challenger_traffic'))
     models.champion.watch(s['poll_seconds'])
     named = os.environ.get('LLMOPS_APP_REVIEWERS')
     names = [n.strip() for n in named.split(',') if n.strip()] if named else a['reviewers']

@@ -275,7 +275,7 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
         assert received, (tmp_path/'follow.log').read_text()[-3000:]
         print(f"alert latency from the last thumbs-down to the webhook: {received[0][0] - rated:.1f} s")
         for _ in range(20):  # the Monitor tab judges the same rules, and scores each turn once its trace is in
-            head, versions, online, checks, rated_down = client.predict(api_name='/monitor')
+            head, versions, online, checks, rated_down, shadow = client.predict(api_name='/monitor')
             if sum(row[1] for row in online['data']) >= 3: break
             time.sleep(1)
         assert re.match(r'\d+ turns and 3 ratings read\. Alerts open: \*\*burst\*\*: satisfaction 0\.0 \(below 0\.5\)', head), head
@@ -300,3 +300,48 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
         stop(app)
         stop(follower)
         hook.shutdown()
+
+
+def test_challenger_traffic_shadow_pairs_both_answers_and_split_sends_a_user_to_the_challenger(small_project, approved, tmp_path):
+    "`app.challenger_traffic` through the app's API: in shadow mode @challenger answers the user's question again, unseen, and the live view and the review tab pair the two; in split mode the user chats with @challenger."
+    import yaml
+    project = copy_project(small_project, tmp_path/'project')  # its own params and traces
+    mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
+    challenger = approved[0]  # the only version: @champion, and @challenger too, set here
+    mlflow.MlflowClient().set_registered_model_alias('llmops-tpl-rag', 'challenger', str(challenger))
+    def turns():
+        return mlflow.search_traces(locations=[mlflow.get_experiment_by_name('llmops-tpl').experiment_id],
+                                    filter_string="trace.name = 'chat_turn'", return_type='list')
+    def app_in(mode):
+        params = yaml.safe_load((project/'params.yaml').read_text())
+        params['app']['challenger_traffic'] = {'mode': mode, 'share': 1.0}
+        params['monitor']['follow_seconds'] = 1
+        (project/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+        port = free_port()
+        return start([BIN/'llmops-tpl', 'app', '--port', str(port)], project, f"http://127.0.0.1:{port}/",
+                     env={'LLMOPS_FEEDBACK_STORE': f"sqlite:///{tmp_path/mode}.db"}, log=tmp_path/f"{mode}.log"), port
+    app, port = app_in('shadow')
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client.predict('How do I serve static files?', 'selfhosted', [], api_name='/ask')
+        for _ in range(60):  # the shadow answer is written in the background, then read by the live view
+            *_, shadow = client.predict(api_name='/monitor')
+            if shadow['data']: break
+            time.sleep(1)
+        assert [row[:3] for row in shadow['data']] == [[str(approved[0]), str(challenger), 1]], shadow
+        pairs = client.predict(api_name='/shadow')
+        assert pairs['data'][0][0] == 'How do I serve static files?' and pairs['data'][0][2] and pairs['data'][0][4], pairs
+    finally: stop(app)
+    by_traffic = {t.info.tags.get('traffic'): t.info for t in turns()}
+    assert set(by_traffic) == {'champion', 'shadow'}, by_traffic.keys()
+    assert by_traffic['shadow'].tags['shadow_of'] == by_traffic['champion'].trace_id
+    assert by_traffic['shadow'].tags['model_version'] == str(challenger)
+    app, port = app_in('split')
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for question in ('How do I mount a sub-application?', 'How do I test my app?'):
+            client.predict(question, 'selfhosted', [], api_name='/ask')
+    finally: stop(app)
+    mlflow.flush_trace_async_logging()
+    split = [t.info.tags for t in turns() if t.info.tags.get('traffic') == 'challenger']
+    assert len(split) == 2 and {t['model_version'] for t in split} == {str(challenger)}, split
