@@ -23,6 +23,7 @@ import llmops_tpl
 from .hub import GGUF_MIRRORS, fetch_base_model, file_sha256, recorded_base_model, weights_sha256
 from .index import Retriever
 from .models import resolve_model
+from .prompts import model_prompt
 from .engine import EngineGenerator
 from .rag import NO_ANSWER, LocalGenerator, OpenAIGenerator, RAGChain
 from .registry import version_tagged
@@ -55,7 +56,8 @@ def build_chain(artifacts:dict, # local paths by artifact name (`index`, `embedd
         generator = OpenAIGenerator(cfg['base_url'], cfg['model'], cfg.get('api_key_env'), cfg.get('timeout', 60),
                                     cfg.get('max_retries', 2))
     else: raise ValueError(f"unknown generator {cfg['generator']!r}: use 'local' or 'openai'")
-    return RAGChain(retriever, generator, cfg['k'], cfg['max_new_tokens'])
+    prompt = cfg.get('system_prompt') or {}  # a version logged before prompts were versioned has none: the project's
+    return RAGChain(retriever, generator, cfg['k'], cfg['max_new_tokens'], prompt.get('text'), prompt.get('version'))
 
 # %% ../nbs/10_agent.ipynb #cell-101
 def check_index_embedder(manifest:dict, # the manifest of the index the version was evaluated with
@@ -83,7 +85,7 @@ def last_question(messages:list # Responses input items or chat messages (dicts 
 
 def _custom_outputs(res:dict)->dict:
     keys = ('sources', 'cited', 'passages', 'usage', 'retrieval_seconds', 'generation_seconds', 'generator',
-            'index_release')
+            'index_release', 'prompt_version')
     return {k: res[k] for k in keys}
 
 class RAGAgent(ResponsesAgent):
@@ -129,11 +131,13 @@ def serving_requirements()->list[str]:
 def local_rag_config(k:int, # passages retrieved per question
                      max_new_tokens:int, # answer length limit
                      base:tuple[Path, dict]|None=None, # the base model's folder and provenance; None: the default
-                     engine:dict|None=None # the converted model's `engine_identity`; None: transformers generates
+                     engine:dict|None=None, # the converted model's `engine_identity`; None: transformers generates
+                     system_prompt:dict|None=None # its `text` and `version` (`model_prompt`); None: the project's
                     )->dict:
     "The config of a self-hosted RAG model on `base` (see `log_rag_model`)."
     folder, prov = base or recorded_base_model()
     return {'generator': 'local', 'k': k, 'max_new_tokens': max_new_tokens, 'hub_dir': str(folder.parent),
+            'system_prompt': system_prompt or model_prompt(),
             'engine': engine or {'engine': 'transformers'},
             'base_model': {key: prov[key] for key in ('name', 'source', 'weights_sha256')}}
 
@@ -148,6 +152,11 @@ def _artifacts(index_dir, config:dict, adapter_dir, base_dir, engine_model_dir)-
     elif config.get('base_model', {}).get('name') in GGUF_MIRRORS:
         artifacts['base_gguf'] = str(GGUF_MIRRORS[config['base_model']['name']][1]())
     return artifacts
+
+def _prompt_uris(config:dict)->list[str]|None:
+    "The registered prompt the model's config names, linked to the logged model (MLflow's `prompts`)."
+    version = (config.get('system_prompt') or {}).get('version')
+    return [f"prompts:/{version}"] if version else None
 
 def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                   # the model config: `generator`, `k`, `max_new_tokens`,
@@ -170,7 +179,7 @@ def log_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
                                        code_paths=[str(Path(llmops_tpl.__file__).parent)], artifacts=artifacts,
                                        model_config=config, pip_requirements=serving_requirements(),
                                        input_example={'input': [{'role': 'user', 'content': example}]},
-                                       registered_model_name=registered_name)
+                                       registered_model_name=registered_name, prompts=_prompt_uris(config))
 
 # %% ../nbs/10_agent.ipynb #cell-071
 def version_weights(name:str, # a registered RAG model
@@ -216,4 +225,6 @@ def register_rag_model(index_dir:Path|str, # the index folder (`paths.index`)
     version = log_rag_model(index_dir, config, adapter_dir, base_dir, registered_name,
                             engine_model_dir=engine_model_dir).registered_model_version
     client.set_model_version_tag(registered_name, str(version), 'content_sha256', content)
+    if prompt := (config.get('system_prompt') or {}).get('version'):
+        client.set_model_version_tag(registered_name, str(version), 'prompt_version', prompt)
     return client.get_model_version(registered_name, str(version)), True

@@ -200,7 +200,7 @@ def online_summary(turns:pd.DataFrame # turns read by `chat_turns`
                                                answer_words=('answer_words', 'mean')).round(3)
 
 # %% ../nbs/23_alerts.ipynb #cell-017b
-_SIDE = ['model_version', 'answer', 'latency_s', 'cites_source', 'answer_words']
+_SIDE = ['model_version', 'prompt_version', 'answer', 'latency_s', 'cites_source', 'answer_words']
 
 def shadow_pairs(turns:pd.DataFrame # turns read by `chat_turns`
                 )->pd.DataFrame:

@@ -84,7 +84,8 @@ class AppModels:
         if route != 'api': raise ValueError(f"unknown route {route!r}: use one of {list(ROUTES)}")
         if not self.api: raise ValueError('the api route is not configured: start the app with the gateway settings '
                                           '(llmops-tpl app does)')
-        return RAGChain(chain.retriever, OpenAIGenerator(**self.api), chain.k, chain.max_new_tokens)
+        return RAGChain(chain.retriever, OpenAIGenerator(**self.api), chain.k, chain.max_new_tokens, chain.system_prompt,
+                        chain.prompt_version)  # the version's prompt, whichever route generates
 
 # %% ../nbs/17_app.ipynb #cell-007
 def check_question(question:str, # what the user typed
@@ -285,17 +286,19 @@ def _review_side(models:AppModels, # the versions to talk to
                  champ:Champion, # the version on that side
                  question:str # the reviewer's question, checked
                 )->dict:
-    "One side of a comparison: the version, its answer, the answer's trace and its sources as Markdown."
+    "One side of a comparison: the version, its prompt, its answer and trace, and its sources as Markdown."
     tags = {'model': models.name, 'model_version': champ.version, 'route': 'selfhosted', 'review': side}
     # a `review_turn`: not users' traffic, so monitoring leaves it out
     res = answer_turn(champ.model.get_raw_model().chain, question, tags, 'review_turn')
-    return {'version': champ.version, 'answer': res['answer'], 'trace_id': res['trace_id'], 'md': sources_markdown(res)}
+    return {'version': champ.version, 'prompt_version': res['prompt_version'], 'answer': res['answer'],
+            'trace_id': res['trace_id'], 'md': sources_markdown(res)}
 
 def _side_markdown(side:str, # `champion` or `challenger`
                    answer:dict # that side, from `_review_side`
                   )->str:
-    "One side's answer (escaped) and sources under its alias and version."
-    return f"### @{side} (version {answer['version']})\n\n{html.escape(answer['answer'])}\n\n{answer['md']}"
+    "One side's answer (escaped) and sources under its alias, version and system prompt's version."
+    prompt = f", prompt {answer['prompt_version']}" if answer['prompt_version'] else ''
+    return f"### @{side} (version {answer['version']}{prompt})\n\n{html.escape(answer['answer'])}\n\n{answer['md']}"
 
 def _compare(models:AppModels, # the versions to talk to
              max_chars:int, # the longest question accepted
@@ -484,8 +487,8 @@ def _pending_section(store:sa.Engine, # the feedback store
     refresh_btn.click(lambda: _pending(store), None, pending, api_name=False)
     return pending, [accept_btn, reject_btn]
 
-SHADOW_COLUMNS = ['question', 'champion_model_version', 'champion_answer', 'challenger_model_version',
-                  'challenger_answer']
+SHADOW_COLUMNS = ['question', 'champion_model_version', 'champion_prompt_version', 'champion_answer',
+                  'challenger_model_version', 'challenger_prompt_version', 'challenger_answer']
 
 def _shadow_section(follower:Follower # the app's live view
                    ):

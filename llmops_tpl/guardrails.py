@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import threading
 from collections import Counter
 from functools import cache
 
@@ -27,7 +28,7 @@ KEY_PATTERNS = {  # `regex` patterns of API keys: vendors' formats, and a value 
                        r"""(?=[^\s'"]*\d)[^\s\[\](),'"]{6,}"""}
 
 @cache
-def personal_data_analyzer():
+def _build_analyzer():
     "Presidio's analyzer of `PLACEHOLDERS`' kinds, on spaCy's blank tokenizer: nothing downloaded."
     os.environ.setdefault('TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS', '')  # the bundled public suffix list, not the network
     import spacy
@@ -48,6 +49,12 @@ def personal_data_analyzer():
 def _anonymizer():
     from presidio_anonymizer import AnonymizerEngine
     return AnonymizerEngine()
+
+_building = threading.Lock()
+
+def personal_data_analyzer():
+    "The one analyzer of this process, built once even when the first requests come together."
+    with _building: return _build_analyzer()  # `cache` alone lets two threads build (and import) it at once
 
 # %% ../nbs/24_guardrails.ipynb #cell-007
 def _public_ip(value:str)->bool:

@@ -32,7 +32,7 @@ def _retrieved(trace)->list[dict]:
 
 _TURN_COLUMNS = ['trace_id', 'time_ms', 'model_version', 'index_release', 'route', 'state', 'latency_s', 'question',
                  'top_score', 'scores', 'cites_source', 'answer_words', 'online_scored', 'traffic', 'shadow_of',
-                 'answer']
+                 'answer', 'prompt_version']
 
 def _turn(t)->dict:
     docs, root = _retrieved(t), t.data.spans[0] if t.data.spans else None
@@ -49,7 +49,7 @@ def _turn(t)->dict:
             'cites_source': bool(cited_sources(answer, given)), 'answer_words': len(answer.split()),
             'online_scored': any(a.name == ONLINE_MARK for a in t.info.assessments or []),
             'traffic': t.info.tags.get('traffic', 'champion'), 'shadow_of': t.info.tags.get('shadow_of'),
-            'answer': scrub(answer)}
+            'answer': scrub(answer), 'prompt_version': t.info.tags.get('prompt_version')}
 
 def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.experiment`)
                since_ms:int=0, # only turns that started after this time (milliseconds since the epoch)

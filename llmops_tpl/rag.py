@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow.entities import Document, SpanType
 
 from .dataset import rag_messages
+from .prompts import project_prompt
 
 # %% ../nbs/09_rag.ipynb #cell-027
 def _check_adapter(adapter_dir:Path):
@@ -240,9 +241,12 @@ class RAGChain:
     def __init__(self, retriever, # a `Retriever` (anything with its `search` and `release`)
                  generator, # a `LocalGenerator` or `OpenAIGenerator`
                  k:int=2, # passages in the prompt
-                 max_new_tokens:int=128 # answer length limit
+                 max_new_tokens:int=128, # answer length limit
+                 system_prompt:str|None=None, # the system prompt; None: the project's (`prompts.system` in params.yaml)
+                 prompt_version:str|None=None # its registered `name/version`, named in every trace; None: none
                 ):
         self.retriever, self.generator, self.k, self.max_new_tokens = retriever, generator, k, max_new_tokens
+        self.system_prompt, self.prompt_version = system_prompt or project_prompt('system'), prompt_version
 
     def retrieve(self, question:str, # the user's question
                  retriever=None # the retriever to ask; None: the chain's
@@ -269,6 +273,7 @@ class RAGChain:
         "A timed `generate` span around the block, which puts `text` and `attributes` in the dict it gets."
         with mlflow.start_span('generate', span_type=SpanType.LLM) as span:
             span.set_inputs({'messages': messages, 'generator': self.generator.name})
+            if self.prompt_version: mlflow.update_current_trace(tags={'prompt_version': self.prompt_version})
             gen, start = {}, time.perf_counter()
             yield gen
             gen['seconds'] = time.perf_counter() - start
@@ -278,6 +283,7 @@ class RAGChain:
     def _result(self, question, passages, text, usage, retrieval_seconds, seconds, release):
         cited = cited_sources(text, passages)
         return {'question': question, 'answer': text, 'cited': bool(cited), 'index_release': release,
+                'prompt_version': self.prompt_version,
                 'sources': cited or list(dict.fromkeys(p['source'] for p in passages)), 'passages': passages,
                 'usage': usage, 'retrieval_seconds': round(retrieval_seconds, 4),
                 'generation_seconds': round(seconds, 3), 'generator': self.generator.name}
@@ -287,7 +293,7 @@ class RAGChain:
               )->dict:
         "The answer to `question`: sources, passages with scores, token usage, and timings."
         passages, retrieval_seconds, release = self._timed_retrieve(question)
-        messages = rag_messages(question, passages)
+        messages = rag_messages(question, passages, self.system_prompt)
         with self._generation(messages) as gen:
             out = self.generator.complete(messages, self.max_new_tokens)
             usage = {k: out[k] for k in ('prompt_tokens', 'completion_tokens')}
@@ -300,7 +306,7 @@ class RAGChain:
         "`{'passages': ...}`, then `{'delta': text}` pieces, then the whole result `answer` returns."
         passages, retrieval_seconds, release = self._timed_retrieve(question)
         yield {'passages': passages}
-        messages, pieces = rag_messages(question, passages), []
+        messages, pieces = rag_messages(question, passages, self.system_prompt), []
         with self._generation(messages) as gen:
             for piece in self.generator.stream(messages, self.max_new_tokens):
                 pieces.append(piece)

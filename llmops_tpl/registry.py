@@ -12,6 +12,7 @@ import mlflow
 import pandas as pd
 
 from .config import now
+from .prompts import champion_prompt
 
 # %% ../nbs/11_registry.ipynb #cell-005
 def propose(name:str, # the registered model
@@ -69,6 +70,7 @@ def approve(name:str, # the registered model
     for k, v in tags.items(): c.set_model_version_tag(name, mv.version, k, v)
     if 'rolled_back_at' in mv.tags: c.delete_model_version_tag(name, mv.version, 'rolled_back_at')
     c.set_registered_model_alias(name, 'champion', mv.version)
+    champion_prompt(mv.tags.get('prompt_version'))  # the prompt registry's @champion follows
     return tags
 
 # %% ../nbs/11_registry.ipynb #cell-012
@@ -87,6 +89,7 @@ def rollback(name:str, # the registered model
     for k, v in {'rolled_back_at': now(), 'rolled_back_by': reviewer, 'rollback_note': note}.items():
         c.set_model_version_tag(name, str(current), k, v)
     c.set_registered_model_alias(name, 'champion', str(target))
+    champion_prompt(_version(name, target).tags.get('prompt_version'))
     return target
 
 def history(name:str # the registered model
