@@ -84,8 +84,8 @@ class AppModels:
         if route != 'api': raise ValueError(f"unknown route {route!r}: use one of {list(ROUTES)}")
         if not self.api: raise ValueError('the api route is not configured: start the app with the gateway settings '
                                           '(llmops-tpl app does)')
-        return RAGChain(chain.retriever, OpenAIGenerator(**self.api), chain.k, chain.max_new_tokens, chain.system_prompt,
-                        chain.prompt_version)  # the version's prompt, whichever route generates
+        return RAGChain(chain.retriever, OpenAIGenerator(**self.api), chain.k, chain.max_new_tokens,
+                        chain.system_prompt, chain.prompt_version)  # the version's prompt, whichever route generates
 
 # %% ../nbs/17_app.ipynb #cell-007
 def check_question(question:str, # what the user typed
@@ -286,7 +286,7 @@ def _review_side(models:AppModels, # the versions to talk to
                  champ:Champion, # the version on that side
                  question:str # the reviewer's question, checked
                 )->dict:
-    "One side of a comparison: the version, its prompt, its answer and trace, and its sources as Markdown."
+    "One side of a comparison: the version, its prompt, answer and trace, its sources as Markdown."
     tags = {'model': models.name, 'model_version': champ.version, 'route': 'selfhosted', 'review': side}
     # a `review_turn`: not users' traffic, so monitoring leaves it out
     res = answer_turn(champ.model.get_raw_model().chain, question, tags, 'review_turn')

@@ -7,7 +7,6 @@ import mlflow
 import pandas as pd
 import pytest
 
-import llmops_tpl.dataset
 from conftest import ROOT
 from llmops_tpl import evaluate, finetune, hub, index
 from llmops_tpl.examples import fixture_index
@@ -40,7 +39,7 @@ def chain(base, tmp_path_factory):
     mlflow.tracing.enable()
 
 
-def test_evaluation_cache_misses_on_a_new_prompt_scoring_line_or_setting_and_hits_unchanged(chain, tmp_path, monkeypatch):
+def test_evaluation_cache_misses_on_a_new_prompt_scoring_line_or_setting_and_hits_unchanged(chain, base, tmp_path, monkeypatch):
     rows = pd.read_json(ROOT/'tests'/'fixtures'/'eval.jsonl', lines=True).head(1)[['question', 'reference', 'gold_chunk_ids']]
     rows, identity = rows.to_dict('records'), {'base_weights_sha256': 'x', 'k': 2, 'max_new_tokens': 4}
     built = []
@@ -49,13 +48,18 @@ def test_evaluation_cache_misses_on_a_new_prompt_scoring_line_or_setting_and_hit
         return cached
     assert (evaluated(), evaluated()) == (False, True), 'an unchanged rerun reads the cache'
     assert not evaluated({**identity, 'max_new_tokens': 16}), 'a setting'
-    with monkeypatch.context() as m:
-        m.setattr(llmops_tpl.dataset, 'SYSTEM_PROMPT', 'Answer in one word.')
-        assert not evaluated(), 'the system prompt'
+    index_dir = fixture_index(tmp_path/'index')
+    variants = evaluate.Variants(index_dir, 2, 4, base, hub.recorded_base_model()[1])
+    prompted = variants.identity('base')
+    assert (evaluated(prompted), evaluated(prompted)) == (False, True), 'a variant as the evaluate stage names it'
+    reworded = evaluate.Variants(index_dir, 2, 4, base, hub.recorded_base_model()[1],
+                                 system_prompt='Answer in one word.')
+    assert not evaluated(reworded.identity('base')), 'the system prompt'
+    assert reworded.chain('base').system_prompt == 'Answer in one word.', 'the chain asks with the prompt its identity names'
     with monkeypatch.context() as m:
         m.setattr(evaluate, 'score_rows', edited(evaluate.score_rows, 'token_f1(a, ref)', 'round(token_f1(a, ref), 3)', tmp_path))
         assert not evaluated(), 'one line of the scoring code'
-    assert evaluated() and len(built) == 4, 'the original inputs hit again'
+    assert evaluated() and len(built) == 5, 'the original inputs hit again'
 
 
 def test_fine_tuning_run_key_changes_with_the_code_chat_template_data_or_a_setting(base, tmp_path, monkeypatch):

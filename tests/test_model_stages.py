@@ -4,7 +4,7 @@ import json
 import mlflow
 import pandas as pd
 
-from conftest import BIN, OWN_QUESTIONS, read_json, run
+from conftest import BIN, OWN_QUESTIONS, copy_project, read_json, run
 
 
 def test_base_model_is_converted_with_its_provenance_and_registered(small_project):
@@ -65,3 +65,18 @@ def test_an_evaluation_rerun_registers_no_new_version_of_the_same_model(small_pr
     mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
     versions = mlflow.MlflowClient().search_model_versions("name='llmops-tpl-rag'")
     assert len({v.tags.get('content_sha256') for v in versions}) == len(versions), 'one version per content'
+
+
+def test_a_prompt_edit_reruns_exactly_the_stages_it_shapes(small_project, tmp_path):
+    project = copy_project(small_project, tmp_path/'project')
+    def stale():
+        return {s for s, changes in json.loads(run([BIN/'dvc', 'status', '--json'], project).stdout).items()
+                if any('prompts/' in json.dumps(c) for c in changes)}
+    assert stale() == set(), 'the pipeline is up to date'
+    system = project/'prompts'/'system.txt'
+    system.write_text(system.read_text().replace('one or two sentences', 'one sentence'))
+    assert stale() == {'dataset', 'evaluate', 'register'}, 'the training examples, the evaluation and the model hold it'
+    system.write_text((small_project/'prompts'/'system.txt').read_text())
+    judge = project/'prompts'/'judge_verdicts.txt'
+    judge.write_text(judge.read_text() + ' Be strict.')
+    assert stale() == {'evaluate'}, "the judge's instructions shape the evaluation alone"

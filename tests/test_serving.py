@@ -37,6 +37,16 @@ def test_register_logs_a_self_contained_model(small_project):
     assert all((Path(local)/a['path']).exists() for a in arts.values()) and (Path(local)/'code'/'llmops_tpl'/'rag.py').exists()
     reqs = (Path(local)/'requirements.txt').read_text().split()
     assert 'mlflow==3.17.2' in reqs and all('==' in r for r in reqs)
+    # its system prompt: the project's file, packed, and registered in the prompt registry as the version it records
+    system = (small_project/'prompts'/'system.txt').read_text().strip()
+    config = yaml.safe_load((Path(local)/'MLmodel').read_text())['flavors']['python_function']['config']
+    assert config['system_prompt'] == {'text': system, 'version': 'llmops-tpl-system/1'}, config['system_prompt']
+    assert version.tags['prompt_version'] == 'llmops-tpl-system/1'
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    assert mlflow.genai.load_prompt('prompts:/llmops-tpl-system/1').template == system
+    evaluation = mlflow.get_run(read_json(small_project/'metrics'/'gate.json')['eval_run_id'])
+    mlflow.set_tracking_uri(None)
+    assert evaluation.data.tags['prompt.system'] == 'llmops-tpl-system/1', 'the evaluation names the prompt it judged'
 
 
 def test_a_registered_version_replays_with_nothing_but_its_artifacts(small_project, tmp_path):
@@ -65,6 +75,10 @@ def test_approval_needs_a_passed_gate_or_a_recorded_override(small_project, appr
     mv = registry(small_project).get_model_version(MODEL, str(version))
     assert (mv.tags['approved_by'], mv.tags['approval_note'], mv.tags['approval_override']) == ('ana', 'first release', 'demo of an override')
     assert registry(small_project).get_registered_model(MODEL).aliases['champion'] == version
+    mlflow.set_tracking_uri(f"sqlite:///{small_project/'mlflow.db'}")
+    prompt = mlflow.genai.load_prompt('prompts:/llmops-tpl-system@champion', cache_ttl_seconds=0)
+    mlflow.set_tracking_uri(None)
+    assert f"{prompt.name}/{prompt.version}" == mv.tags['prompt_version'], "the prompt registry's @champion follows"
 
 
 def test_openai_client_gets_a_grounded_answer_with_sources(small_project, server):
@@ -92,6 +106,7 @@ def test_each_request_is_traced_with_retrieval_and_generation_spans(small_projec
     spans = {s.name: s for s in traces[0].data.spans}
     assert spans['retrieve'].outputs[0]['id'] and 'score' in spans['retrieve'].outputs[0]['metadata']
     assert spans['generate'].attributes['completion_tokens'] > 0 and spans['generate'].attributes['seconds'] > 0
+    assert traces[0].info.tags['prompt_version'] == 'llmops-tpl-system/1', 'the trace names the prompt version'
 
 
 def test_the_chains_http_backend_answers_through_an_openai_compatible_endpoint(small_project, server):
