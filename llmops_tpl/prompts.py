@@ -49,12 +49,13 @@ def text_sha256(text:str # a prompt's text
 def register_prompt_file(name:str, # the registered prompt, e.g. `llmops-tpl-system`
                          path:Path|str # the prompt file under version control
                         ):
-    "The `PromptVersion` holding `path`'s text: the latest version if it does, else a new one."
+    "The `PromptVersion` holding `path`'s text: the earliest version that does, else a new one."
     text = read_prompt(path)
     sha = text_sha256(text)
-    try: latest = mlflow.genai.load_prompt(f"prompts:/{name}@latest", link_to_model=False, cache_ttl_seconds=0)
-    except MlflowException: latest = None  # no version yet
-    if latest is not None and latest.tags.get(PROMPT_SHA_TAG) == sha: return latest
+    try: versions = mlflow.MlflowClient().search_prompt_versions(name)
+    except MlflowException: versions = []  # not registered yet
+    if same := [v for v in versions if v.tags.get(PROMPT_SHA_TAG) == sha]:
+        return min(same, key=lambda v: int(v.version))
     return mlflow.genai.register_prompt(name, text, commit_message=f"from {Path(path).name}",
                                         tags={PROMPT_SHA_TAG: sha})
 
@@ -76,8 +77,11 @@ def register_prompts(names:list[str], # prompts of `params.yaml`'s `prompts`
                      prefix:str='llmops-tpl-', # the registered prompts' names start so (`mlflow.prompt_prefix`)
                      root:Path|str|None=None # project root; found from the working directory when None
                     )->dict[str, str]:
-    "Each of the project's prompts `names` registered, by name: the version (`prompt_ref`) of its text."
-    return {name: prompt_ref(register_prompt_file(prefix + name, prompt_file(name, root))) for name in names}
+    "The project's prompts `names`, registered and linked to the active run: `prompt_ref` by name."
+    versions = {name: register_prompt_file(prefix + name, prompt_file(name, root)) for name in names}
+    if run := mlflow.active_run():
+        for version in versions.values(): mlflow.MlflowClient().link_prompt_version_to_run(run.info.run_id, version)
+    return {name: prompt_ref(version) for name, version in versions.items()}
 
 # %% ../nbs/25_prompts.ipynb #cell-013
 def champion_prompt(ref:str|None # the approved model version's prompt, `name/version` (`prompt_ref`); None: none

@@ -166,6 +166,7 @@ def test_the_api_architecture_is_evaluated_and_registered_through_the_gateway(ga
     stage('55_evaluate', *evaluate)
     gate, metrics = read_json(tmp_path/'gate.json'), read_json(tmp_path/'eval.json')
     assert gate['candidate'] == 'api' and set(metrics) == {'api'} and metrics['api']['questions'] == 1
+    assert gate['prompts'] == {name: f"llmops-tpl-{name}/1" for name in ('system', 'judge_statements', 'judge_verdicts', 'judge_relevancy')}
     assert all({'faithfulness', 'answer_relevancy'} <= set(m) for m in metrics.values()), metrics  # judged (a 135M judge may give no verdict)
     assert list((tmp_path/'eval_cache').glob('api-judged-*.parquet')), 'the verdicts are kept (no call timed out or failed to connect)'
     asked, judged = (len(settled(gateway, e, n + 1)) for e, n in (('openai-chat', asked_before), ('judge', judged_before)))  # both through the gateway

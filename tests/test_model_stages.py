@@ -76,6 +76,13 @@ def test_a_prompt_edit_reruns_exactly_the_stages_it_shapes(small_project, tmp_pa
     system = project/'prompts'/'system.txt'
     system.write_text(system.read_text().replace('one or two sentences', 'one sentence'))
     assert stale() == {'dataset', 'evaluate', 'register'}, 'the training examples, the evaluation and the model hold it'
+    run([BIN/'dvc', 'repro', '--single-item', 'register'], project)  # registered before it is evaluated: no challenger
+    mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version('llmops-tpl-rag', str(read_json(project/'metrics'/'register.json')['version']))
+    reworded = mlflow.genai.load_prompt('prompts:/llmops-tpl-system/2').template
+    mlflow.set_tracking_uri(None)
+    assert version.tags['prompt_version'] == 'llmops-tpl-system/2' and 'one sentence' in reworded
+    assert 'evaluated with system prompt llmops-tpl-system/1' in version.tags['gate'], version.tags['gate']
     system.write_text((small_project/'prompts'/'system.txt').read_text())
     judge = project/'prompts'/'judge_verdicts.txt'
     judge.write_text(judge.read_text() + ' Be strict.')

@@ -47,6 +47,7 @@ def test_register_logs_a_self_contained_model(small_project):
     evaluation = mlflow.get_run(read_json(small_project/'metrics'/'gate.json')['eval_run_id'])
     mlflow.set_tracking_uri(None)
     assert evaluation.data.tags['prompt.system'] == 'llmops-tpl-system/1', 'the evaluation names the prompt it judged'
+    assert read_json(small_project/'metrics'/'gate.json')['prompts'] == {'system': 'llmops-tpl-system/1'}
 
 
 def test_a_registered_version_replays_with_nothing_but_its_artifacts(small_project, tmp_path):
@@ -190,7 +191,7 @@ def test_unknown_alias_fails_clearly(small_project):
 
 def test_a_new_approval_reaches_the_server_and_rollback_returns(small_project, approved, server, tmp_path):
     first, _ = approved
-    (tmp_path/'gate.json').write_text(json.dumps({'passed': True, 'checks': []}))
+    (tmp_path/'gate.json').write_text(json.dumps({'passed': True, 'checks': [], 'prompts': {'system': 'llmops-tpl-system/1'}}))
     run([BIN/'papermill', 'nbs/stages/60_register.ipynb', str(tmp_path/'register.ipynb'), '-p', 'index_dir', 'data/index',
          '-p', 'adapter_dir', 'models/adapter', '-p', 'base_provenance', 'models/base_model.json', '-p', 'gate_path', str(tmp_path/'gate.json'),
          '-p', 'metrics_path', str(tmp_path/'register.json'), '-p', 'tracking_uri', 'sqlite:///mlflow.db', '-p', 'max_new_tokens', '20',
