@@ -73,6 +73,10 @@ def test_a_prompt_edit_reruns_exactly_the_stages_it_shapes(small_project, tmp_pa
         return {s for s, changes in json.loads(run([BIN/'dvc', 'status', '--json'], project).stdout).items()
                 if any('prompts/' in json.dumps(c) for c in changes)}
     assert stale() == set(), 'the pipeline is up to date'
+    judge = project/'prompts'/'judge_verdicts.txt'
+    judge.write_text(judge.read_text() + ' Be strict.')
+    assert stale() == {'evaluate'}, "the judge's instructions shape the evaluation alone"
+    judge.write_text((small_project/'prompts'/'judge_verdicts.txt').read_text())
     system = project/'prompts'/'system.txt'
     system.write_text(system.read_text().replace('one or two sentences', 'one sentence'))
     assert stale() == {'dataset', 'evaluate', 'register'}, 'the training examples, the evaluation and the model hold it'
@@ -83,7 +87,3 @@ def test_a_prompt_edit_reruns_exactly_the_stages_it_shapes(small_project, tmp_pa
     mlflow.set_tracking_uri(None)
     assert version.tags['prompt_version'] == 'llmops-tpl-system/2' and 'one sentence' in reworded
     assert 'evaluated with system prompt llmops-tpl-system/1' in version.tags['gate'], version.tags['gate']
-    system.write_text((small_project/'prompts'/'system.txt').read_text())
-    judge = project/'prompts'/'judge_verdicts.txt'
-    judge.write_text(judge.read_text() + ' Be strict.')
-    assert stale() == {'evaluate'}, "the judge's instructions shape the evaluation alone"
