@@ -54,33 +54,34 @@ def _feedback_store(params:dict # the project's params
     from llmops_tpl.feedback import open_store
     return open_store(database_url(params['app']['feedback_store'], 'LLMOPS_FEEDBACK_STORE'))
 
-def _keep_last_export(path:Path, # the feedback export (`paths.feedback`)
-                      activity_path:Path, # the traffic fingerprint (`paths.activity`)
+def _keep_last_export(exports:dict, # each export's path -> its empty content (`paths.feedback`, ...)
                       e:Exception # why the stores could not be read
                      ):
     "Leave the last exports as they are (empty ones where there are none yet), and say why."
-    for p, empty in ((path, ''), (activity_path, '{}')):
+    for p, empty in exports.items():
         if p.exists(): continue
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(empty)
-    click.echo(f"feedback store or tracking store unreachable, {path} and {activity_path} left as they were: {e}",
+    click.echo(f"feedback store or tracking store unreachable, {', '.join(map(str, exports))} left as they were: {e}",
                err=True)
 
 @main.command()
 def feedback():
-    "Export reviewed feedback to `paths.feedback` and the traffic fingerprint to `paths.activity`."
+    "Export reviewed feedback, preference pairs and the traffic fingerprint (`paths` in params.yaml)."
     import mlflow
-    from llmops_tpl.feedback import export_reviewed
+    from llmops_tpl.feedback import export_preferences, export_reviewed
     from llmops_tpl.monitor import activity
     params = load_params()
     path, activity_path = project_path(params['paths']['feedback']), project_path(params['paths']['activity'])
+    preferences_path = project_path(params['paths']['preferences'])
     try:
         store = _feedback_store(params)
         n = export_reviewed(store, path)
+        pairs = export_preferences(store, preferences_path)
         mlflow.set_tracking_uri(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'))
         write_json(activity(params['mlflow']['experiment'], store), activity_path)
-    except Exception as e: _keep_last_export(path, activity_path, e)
-    else: click.echo(f"feedback exported: {n} reviewed rows in {path}")
+    except Exception as e: _keep_last_export({path: '', preferences_path: '', activity_path: '{}'}, e)
+    else: click.echo(f"feedback exported: {n} reviewed rows in {path}, {pairs} preference pairs")
 
 @main.command()
 @click.argument('stages', nargs=-1)

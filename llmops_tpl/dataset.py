@@ -7,7 +7,7 @@ __all__ = ['API_QUESTIONS', 'GENERIC', 'IMPERATIVE', 'HOW', 'WHAT_CODE', 'ABOUT'
            'EVAL_COLUMNS', 'ORIGINS', 'first_sentence', 'qa_from_chunk', 'question_for', 'intent_question',
            'opening_span', 'qa_from_section', 'derive_qa', 'gold_chunk_ids', 'read_curated', 'generation_messages',
            'parse_generated', 'generate_qa', 'split_by_document', 'collect_questions', 'rag_messages', 'sft_example',
-           'sft_examples', 'feedback_rows', 'write_dataset', 'dataset_metrics']
+           'sft_examples', 'feedback_rows', 'preference_rows', 'write_dataset', 'dataset_metrics']
 
 # %% ../nbs/08_dataset.ipynb #cell-001
 import hashlib
@@ -424,6 +424,18 @@ def feedback_rows(reviewed:list[dict], # accepted feedback, as `llmops-tpl repro
     origin = [{'use': use, **_provenance(r)} for r in fixes for use in _uses(r)]
     return taught, regression, origin, len(reviewed) - len(fixes)
 
+# %% ../nbs/08_dataset.ipynb #840c916a
+def preference_rows(pairs:list[dict], # preference pairs, as `llmops-tpl repro` exports them (`export_preferences`)
+                    search, # `search(question, k) -> passages`: the retriever
+                    k:int=2 # passages retrieved into each prompt
+                   )->tuple[list[dict], list[dict]]:
+    "Preference examples (the RAG prompt, the chosen and the rejected answer) and their provenance rows."
+    examples = [{'prompt': rag_messages(p['question'], search(p['question'], k)),
+                 'chosen': [{'role': 'assistant', 'content': p['chosen']}],
+                 'rejected': [{'role': 'assistant', 'content': p['rejected']}]} for p in pairs]
+    origin = [{'use': 'preference', 'origin': p['origin'], 'vote_id': p['vote_id'], **_provenance(p)} for p in pairs]
+    return examples, origin
+
 # %% ../nbs/08_dataset.ipynb #cell-055
 EVAL_COLUMNS = ['question', 'reference', 'gold_chunk_ids', 'source', 'section', 'origin']
 
@@ -438,14 +450,16 @@ def write_dataset(dataset_dir:Path|str, # the dataset folder (`paths.dataset`), 
                   examples:list[dict], # training examples, with `prompt` and `completion`
                   evl:pd.DataFrame, # the eval questions, from `split_by_document`
                   regression:list[dict], # the regression questions, from `feedback_rows`
-                  feedback:list[dict] # what each piece of feedback became, from `feedback_rows`
+                  feedback:list[dict], # what each piece of feedback became, from `feedback_rows` and `preference_rows`
+                  preferences:list[dict]=() # preference examples, from `preference_rows`
                  ):
-    "Write `train.jsonl`, `eval.jsonl`, `regression.jsonl` and `feedback.jsonl` into `dataset_dir`."
+    "Write the train, eval, regression, preferences and feedback files (JSON Lines) into `dataset_dir`."
     dataset_dir = Path(dataset_dir)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(dataset_dir/'train.jsonl', [{'prompt': e['prompt'], 'completion': e['completion']} for e in examples])
     evl[EVAL_COLUMNS].to_json(dataset_dir/'eval.jsonl', orient='records', lines=True)
     _write_jsonl(dataset_dir/'regression.jsonl', regression, ensure_ascii=False)
+    _write_jsonl(dataset_dir/'preferences.jsonl', list(preferences), ensure_ascii=False)
     _write_jsonl(dataset_dir/'feedback.jsonl', feedback, ensure_ascii=False)
 
 # %% ../nbs/08_dataset.ipynb #cell-056
@@ -456,7 +470,8 @@ def dataset_metrics(train:pd.DataFrame, # the training questions, from `split_by
                     examples:list[dict], # the training examples of `train`, from `sft_example`
                     taught:list[dict], # the training examples from feedback, from `feedback_rows`
                     regression:list[dict], # the regression questions, from `feedback_rows`
-                    unused:int # reviewed feedback without a correction
+                    unused:int, # reviewed feedback without a correction
+                    preferences:list[dict]=() # preference examples, from `preference_rows`
                    )->dict:
     "The `dataset` stage's metrics: questions and documents per split and origin, and what feedback gave."
     assert not set(train.source) & set(evl.source.dropna()), 'a document is in both splits'
@@ -466,4 +481,5 @@ def dataset_metrics(train:pd.DataFrame, # the training questions, from `split_by
     return {'train_examples': len(examples) + len(taught), 'eval_questions': len(evl),
             'train_documents': train.source.nunique(), 'eval_documents': evl.source.nunique(), **counts,
             'train_gold_retrieved_at_k': round(gold, 4), 'feedback_train_examples': len(taught),
-            'regression_questions': len(regression), 'feedback_without_correction': unused}
+            'regression_questions': len(regression), 'feedback_without_correction': unused,
+            'preference_pairs': len(preferences)}

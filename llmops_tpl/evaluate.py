@@ -8,7 +8,7 @@ __all__ = ['METRICS', 'JUDGED', 'JUDGE_PROMPTS', 'REGRESSION_METRICS', 'LocalEmb
            'judge_rows', 'answering_code', 'variant_key', 'evaluate_variant', 'judge_variant', 'eval_questions',
            'regression_questions', 'index_sha256', 'Variants', 'score_variant', 'evaluate_variants', 'variant_summary',
            'reported_metrics', 'origin_summaries', 'eval_metrics', 'scored_table', 'gate', 'GateFailed', 'gate_message',
-           'gate_candidate']
+           'gate_candidate', 'variant_names']
 
 # %% ../nbs/14_evaluate.ipynb #cell-001
 import asyncio
@@ -253,11 +253,11 @@ def index_sha256(index_dir:Path|str # an index folder (`build_index`)
     files = [(p.relative_to(index_dir).as_posix(), file_sha256(p)) for p in paths]
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
-def _check_variant(name:str, adapter_dir):
-    if name not in ('base', 'finetuned', 'api'):
-        raise ValueError(f"evaluate.variants: unknown variant {name!r} (known: base, finetuned, api)")
-    if name == 'finetuned' and adapter_dir is None:
-        raise ValueError('the finetuned variant needs adapter_dir (paths.adapter)')
+def _check_variant(name:str, adapters:dict):
+    if name not in ('base', 'finetuned', 'dpo', 'api'):
+        raise ValueError(f"evaluate.variants: unknown variant {name!r} (known: base, finetuned, dpo, api)")
+    needs = {'finetuned': 'adapter_dir (paths.adapter)', 'dpo': 'dpo_adapter_dir (paths.dpo_adapter, trained)'}
+    if name in adapters and adapters[name] is None: raise ValueError(f"the {name} variant needs {needs[name]}")
 
 # %% ../nbs/14_evaluate.ipynb #cell-030
 @dataclass
@@ -269,6 +269,7 @@ class Variants:
     base_dir:Path # the base model's folder
     base:dict # the base model's provenance (`recorded_base_model`)
     adapter_dir:Path|None=None # the LoRA adapter of `finetuned`
+    dpo_adapter_dir:Path|None=None # the LoRA adapter of `dpo`: the SFT one trained on preference pairs
     gateway_url:str='' # the AI gateway, for `api` and the judge
     api_endpoint:str='' # the gateway endpoint `api` calls
     timeout:float=180.0 # seconds a gateway call may take
@@ -290,26 +291,31 @@ class Variants:
         "The index's retriever, loaded once."
         return Retriever(self.index_dir)
 
-    def identity(self, name:str # base, finetuned or api
+    @property
+    def adapters(self)->dict:
+        "The adapter of each variant that has one."
+        return {'finetuned': self.adapter_dir, 'dpo': self.dpo_adapter_dir}
+
+    def identity(self, name:str # base, finetuned, dpo or api
                 )->dict:
         "What decides the variant's answers: the index, its generator's weights or endpoint, the settings."
-        _check_variant(name, self.adapter_dir)
+        _check_variant(name, self.adapters)
         common = {'index_sha256': index_sha256(self.index_dir), 'k': self.k, 'max_new_tokens': self.max_new_tokens,
                   'system_prompt': self.system_prompt}
         if name == 'api': return {**common, 'gateway_endpoint': self.api_endpoint,
                                   'behind': endpoint_identity(self.gateway_url, self.api_endpoint)}
-        adapter = self.adapter_dir if name == 'finetuned' else None
+        adapter = self.adapters.get(name)
         return {**common, **generator_identity(self.engine, self.quantization, self.convert_env),
                 'base_weights_sha256': self.base['weights_sha256'],
                 'base_files_sha256': model_files_sha256(self.base_dir),
                 'adapter_sha256': adapter and [weights_sha256(adapter), model_files_sha256(adapter)]}
 
-    def chain(self, name:str # base, finetuned or api
+    def chain(self, name:str # base, finetuned, dpo or api
              )->RAGChain:
         "The variant's RAG chain over the shared retriever."
         if name == 'api': generator = OpenAIGenerator(openai_base_url(self.gateway_url), self.api_endpoint,
                                                       timeout=self.timeout, max_retries=self.max_retries)
-        else: generator = local_generator(self.engine, self.base_dir, self.adapter_dir if name == 'finetuned' else None,
+        else: generator = local_generator(self.engine, self.base_dir, self.adapters.get(name),
                                           self.engine_dir, self.convert_env, self.quantization)
         return RAGChain(self.retriever, generator, self.k, self.max_new_tokens, self.system_prompt)
 
@@ -355,7 +361,7 @@ def evaluate_variants(variants:Variants, # what the variants share
                       judge_max_tokens:int=256 # length limit of each verdict
                      )->tuple[dict, dict, dict]:
     "By variant: the scored answers, the scored regression set (if any), and whether they were cached."
-    for name in names: _check_variant(name, variants.adapter_dir)
+    for name in names: _check_variant(name, variants.adapters)
     mlflow.tracing.disable()  # evaluation answers are not traffic to trace
     try: runs = {n: score_variant(variants, n, questions, regression, cache_dir, judge_endpoint, judge_max_tokens)
                  for n in names}
@@ -435,14 +441,23 @@ def gate_message(result:dict # from `gate`
 
 # %% ../nbs/14_evaluate.ipynb #cell-043
 def gate_candidate(architecture:str, # `rag.architecture`: selfhosted or api
-                   variants:list[str], # the variants evaluated (`evaluate.variants`)
-                   adapter_dir:Path|str|None # the adapter (`paths.adapter`); None: the base model serves
+                   variants:list[str], # the variants evaluated (`variant_names`)
+                   adapter_dir:Path|str|None, # the adapter (`paths.adapter`); None: the base model serves
+                   dpo_adapter_dir:Path|str|None=None # the DPO adapter, when the `dpo` stage trained one
                   )->str:
     "The variant the gate judges: what the registered model serves."
     if architecture not in ('selfhosted', 'api'):
         raise ValueError(f"rag.architecture must be selfhosted or api, not {architecture!r}")
-    candidate = 'api' if architecture == 'api' else ('finetuned' if adapter_dir else 'base')
+    candidate = 'api' if architecture == 'api' else 'dpo' if dpo_adapter_dir else 'finetuned' if adapter_dir else 'base'
     if candidate not in variants:
         raise ValueError(f"evaluate.variants ({','.join(variants)}) must include {candidate!r}, "
                          f"the variant rag.architecture={architecture} registers")
     return candidate
+
+def variant_names(variants:str, # `evaluate.variants`: comma-separated
+                  architecture:str, # `rag.architecture`
+                  dpo_adapter_dir:Path|str|None # the DPO adapter, when the `dpo` stage trained one
+                 )->list[str]:
+    "`evaluate.variants`, and `dpo` when its self-hosted adapter would be served."
+    names = [v for v in variants.split(',') if v]
+    return names + ['dpo'] if dpo_adapter_dir and architecture == 'selfhosted' and 'dpo' not in names else names

@@ -1,10 +1,13 @@
-"The model stages of a fresh clone: base model from the hub, RAG dataset split by document, fine-tuning logged to MLflow."
+"The model stages of a fresh clone: base model from the hub, RAG dataset split by document, fine-tuning logged to MLflow, DPO from votes."
 import json
 
 import mlflow
 import pandas as pd
+import yaml
 
 from conftest import BIN, OWN_QUESTIONS, copy_project, read_json, run
+from llmops_tpl.feedback import add_vote, open_store
+from llmops_tpl.hub import weights_sha256
 
 
 def test_base_model_is_converted_with_its_provenance_and_registered(small_project):
@@ -87,3 +90,32 @@ def test_a_prompt_edit_reruns_exactly_the_stages_it_shapes(small_project, tmp_pa
     mlflow.set_tracking_uri(None)
     assert version.tags['prompt_version'] == 'llmops-tpl-system/2' and 'one sentence' in reworded
     assert 'evaluated with system prompt llmops-tpl-system/1' in version.tags['gate'], version.tags['gate']
+
+
+def test_reviewers_votes_train_a_dpo_candidate_that_is_judged_and_registered(small_project, tmp_path):
+    "Votes in the store become preference pairs; the dpo stage trains from the SFT adapter, evaluate judges it, register registers it."
+    assert not read_json(small_project/'metrics'/'dpo.json')['trained'], 'no pairs in a fresh project: nothing trained'
+    assert read_json(small_project/'metrics'/'gate.json')['candidate'] == 'finetuned'
+    project = copy_project(small_project, tmp_path/'project')
+    params = yaml.safe_load((project/'params.yaml').read_text())
+    params['dpo'].update(min_pairs=4, max_steps=2, batch_size=2, grad_accum=1)
+    (project/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
+    (project/'feedback.db').unlink(missing_ok=True)  # a store of its own: other tests' feedback would change the SFT data
+    store = open_store(f"sqlite:///{project/'feedback.db'}")
+    evl = pd.read_json(project/'data'/'dataset'/'eval.jsonl', lines=True).head(4)
+    for q, ref in zip(evl.question, evl.reference):  # the challenger's answer (the reference) preferred to a refusal
+        add_vote(store, q, 'challenger', {'version': 1, 'answer': 'I cannot tell.'}, {'version': 2, 'answer': ref}, 'rita')
+    add_vote(store, evl.question[0], 'tie', {'version': 1, 'answer': 'a'}, {'version': 2, 'answer': 'b'}, 'rita')
+    run([BIN/'llmops-tpl', 'repro'], project)
+    dpo = read_json(project/'metrics'/'dpo.json')
+    assert (dpo['trained'], dpo['pairs'], dpo['steps']) == (True, 4, 2) and dpo['final_reward_margin'] > 0, dpo
+    provenance = [json.loads(line) for line in (project/'data'/'dataset'/'feedback.jsonl').read_text().splitlines()]
+    assert [(p['use'], p['vote_id'], p['reviewer']) for p in provenance] == [('preference', i, 'rita') for i in (1, 2, 3, 4)]
+    assert {'finetuned', 'dpo'} <= set(read_json(project/'metrics'/'eval.json')), 'evaluated beside the SFT adapter'
+    gate, registered = read_json(project/'metrics'/'gate.json'), read_json(project/'metrics'/'register.json')
+    assert gate['candidate'] == 'dpo' and registered['new_version']
+    version = mlflow.MlflowClient(f"sqlite:///{project/'mlflow.db'}").get_model_version('llmops-tpl-rag', str(registered['version']))
+    dpo_sha, sft_sha = (weights_sha256(project/'models'/d) for d in ('adapter_dpo', 'adapter'))
+    assert version.tags['gate'] and json.loads(version.tags['gate'])['candidate'] == 'dpo' and dpo_sha != sft_sha
+    run_tags = mlflow.MlflowClient(f"sqlite:///{project/'mlflow.db'}").get_run(version.run_id).data.tags
+    assert run_tags['adapter_sha256'] == dpo_sha and run_tags['candidate'] == 'dpo', 'the DPO adapter is what was registered'
