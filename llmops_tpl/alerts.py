@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['METRICS', 'ALERTS', 'window_value', 'check_rules', 'webhook_url', 'post_alert', 'update_alerts', 'read_alerts',
-           'in_sample', 'score_online', 'online_summary', 'shadow_pairs', 'shadow_summary', 'reference_scores',
-           'Follower', 'alerts_markdown']
+           'in_sample', 'passage_similarity', 'score_online', 'online_summary', 'shadow_pairs', 'shadow_summary',
+           'reference_scores', 'Follower', 'alerts_markdown']
 
 # %% ../nbs/23_alerts.ipynb #cell-001
 import hashlib
@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import httpx
 import mlflow
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from mlflow.entities import AssessmentSource
@@ -173,16 +174,29 @@ def in_sample(key:str, # a turn's trace id, or a user
     "Whether `key` is in the sample: the same answer in every process."
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < share * 16**8
 
+def passage_similarity(answer:str, # the answer
+                       passages:list[str], # the passages it was given
+                       embed:Callable # `texts -> unit vectors`: the index's embedder
+                      )->float|None:
+    "The answer's highest cosine similarity to one of its passages; None without an answer or passages."
+    if not answer.strip() or not passages: return None
+    vecs = np.asarray(embed([answer, *passages]))
+    return round(float((vecs[1:] @ vecs[0]).max()), 4)
+
 def score_online(turns:pd.DataFrame, # turns read by `chat_turns`; those scored here are marked `online_scored`
-                 share:float # `monitor.online_eval_share`
+                 share:float, # `monitor.online_eval_share`
+                 embed:Callable|None=None # `texts -> unit vectors` (the index's embedder); None: no passage similarity
                 )->int:
     "Attach the turn metrics to the sampled turns' traces that have none yet; how many turns were scored."
     source = AssessmentSource(source_type='CODE', source_id='llmops-tpl online evaluation')
     todo = turns[~turns.online_scored.eq(True) & turns.trace_id.map(lambda t: in_sample(t, share))]
     done = []
     for i, t in zip(todo.index, todo.itertuples()):
+        similar = passage_similarity(t.answer, list(t.passages), embed) if embed else None
+        turns.loc[i, 'passage_similarity'] = np.nan if similar is None else similar
         scores = {'online_best_retrieval_score': None if pd.isna(t.top_score) else round(float(t.top_score), 4),
-                  'online_answer_words': int(t.answer_words), ONLINE_MARK: bool(t.cites_source)}  # the mark: last
+                  'online_answer_words': int(t.answer_words), 'online_passage_similarity': similar,
+                  ONLINE_MARK: bool(t.cites_source)}  # the mark: last
         try:
             for name, value in scores.items():
                 if value is not None: mlflow.log_feedback(trace_id=t.trace_id, name=name, value=value, source=source)
@@ -193,11 +207,13 @@ def score_online(turns:pd.DataFrame, # turns read by `chat_turns`; those scored 
 
 def online_summary(turns:pd.DataFrame # turns read by `chat_turns`
                   )->pd.DataFrame:
-    "Per model version: turns scored online, their mean best retrieval score, citation share, length."
-    scored = turns[turns.online_scored.eq(True)].astype({'cites_source': float, 'answer_words': float})
+    "Per model version: turns scored online, and their means of the online scores."
+    scored = turns[turns.online_scored.eq(True)].astype({'cites_source': float, 'answer_words': float,
+                                                         'passage_similarity': float})
     return scored.groupby('model_version').agg(scored=('trace_id', 'size'), best_retrieval_score=('top_score', 'mean'),
                                                cites_source=('cites_source', 'mean'),
-                                               answer_words=('answer_words', 'mean')).round(3)
+                                               answer_words=('answer_words', 'mean'),
+                                               passage_similarity=('passage_similarity', 'mean')).round(3)
 
 # %% ../nbs/23_alerts.ipynb #cell-017b
 _SIDE = ['model_version', 'prompt_version', 'answer', 'latency_s', 'cites_source', 'answer_words']
@@ -238,9 +254,11 @@ class Follower:
                  store:sa.Engine, # the feedback store
                  monitor:dict, # the `monitor` section of params.yaml
                  reference:list[float]|Callable, # from `reference_scores`, or a function computing them at first poll
-                 min_interval:float=0 # a poll sooner than this after the last returns the last view (the app's tabs)
+                 min_interval:float=0, # a poll sooner than this after the last returns the last view (the app's tabs)
+                 embed:Callable|None=None # `texts -> unit vectors` for online passage similarity (`score_online`)
                 ):
         self.experiment, self.store, self.monitor, self.min_interval = experiment, store, monitor, min_interval
+        self.embed = embed
         self.reference, self.webhook, self.turns = reference, webhook_url(monitor), None
         self._lock, self._view, self._at = threading.Lock(), None, 0.0
 
@@ -264,7 +282,7 @@ class Follower:
         feedback, ratings = self._read(window)
         checks = check_rules(rules, self.turns, feedback, self.reference, self.monitor.get('alert_min_count', 5))
         fired = update_alerts(self.store, checks, self.webhook, self.turns)
-        score_online(self.turns, self.monitor.get('online_eval_share', 0))
+        score_online(self.turns, self.monitor.get('online_eval_share', 0), self.embed)
         recent = self.turns.tail(window)
         return {'versions': summarize_traffic(recent, feedback), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback, 5), 'turns': len(self.turns), 'ratings': ratings,

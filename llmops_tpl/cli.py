@@ -104,6 +104,16 @@ def _reference(params:dict # the project's params
     if not (questions.exists() and (index/'manifest.json').exists()): return []
     return reference_scores(Retriever(index), [json.loads(line)['question'] for line in questions.open()])
 
+def _embedder(params:dict # the project's params
+             ):
+    "The index's embedder as `texts -> unit vectors`, loaded at first use; None before there is an index."
+    from functools import cache
+    from llmops_tpl.models import load_embedder
+    manifest = project_path(params['paths']['index'])/'manifest.json'
+    if not manifest.exists(): return None
+    model = cache(lambda: load_embedder(json.loads(manifest.read_text())['embedder']['name']))
+    return lambda texts: model().encode(texts, normalize_embeddings=True)
+
 def _follow(params:dict # the project's params
            ):
     "Poll every `monitor.follow_seconds`; print the live view when it changes, and each alert that fires."
@@ -112,7 +122,7 @@ def _follow(params:dict # the project's params
     from llmops_tpl.alerts import Follower
     mlflow.set_tracking_uri(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'))
     follower, seen = Follower(params['mlflow']['experiment'], _feedback_store(params), params['monitor'],
-                              _reference(params)), None
+                              _reference(params), embed=_embedder(params)), None
     click.echo(f"following {params['mlflow']['experiment']} every {params['monitor']['follow_seconds']} s (Ctrl-C)")
     while True:
         try: view = follower.poll()
@@ -389,7 +399,7 @@ def _ui(models, # from `_app_models`
     forward = forward_in_background(store, forward_seconds or params['app']['forward_seconds'])
     route = route or params['rag']['architecture']
     follower = Follower(params['mlflow']['experiment'], store, params['monitor'], lambda: _reference(params),
-                        seconds / 2)
+                        seconds / 2, _embedder(params))
     return build_app(models, store, params['serve']['max_prompt_chars'], route, forward, reviewers, follower, seconds)
 
 def _launch(ui, # from `_ui`

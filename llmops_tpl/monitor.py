@@ -32,7 +32,7 @@ def _retrieved(trace)->list[dict]:
 
 _TURN_COLUMNS = ['trace_id', 'time_ms', 'model_version', 'index_release', 'route', 'state', 'latency_s', 'question',
                  'top_score', 'scores', 'cites_source', 'answer_words', 'online_scored', 'traffic', 'shadow_of',
-                 'answer', 'prompt_version']
+                 'answer', 'prompt_version', 'passages', 'passage_similarity']
 
 def _turn(t)->dict:
     docs, root = _retrieved(t), t.data.spans[0] if t.data.spans else None
@@ -47,9 +47,11 @@ def _turn(t)->dict:
             'state': str(t.info.state), 'latency_s': (t.info.execution_duration or 0) / 1000,
             'question': scrub(question), 'top_score': max(scores) if scores else np.nan, 'scores': scores,
             'cites_source': bool(cited_sources(answer, given)), 'answer_words': len(answer.split()),
-            'online_scored': any(a.name == ONLINE_MARK for a in t.info.assessments or []),
+            'online_scored': ONLINE_MARK in (online := {a.name: a.value for a in t.info.assessments or []}),
+            'passage_similarity': float(online.get('online_passage_similarity', np.nan)),
             'traffic': t.info.tags.get('traffic', 'champion'), 'shadow_of': t.info.tags.get('shadow_of'),
-            'answer': scrub(answer), 'prompt_version': t.info.tags.get('prompt_version')}
+            'answer': scrub(answer), 'prompt_version': t.info.tags.get('prompt_version'),
+            'passages': [str(d.get('page_content') or '') for d in docs]}
 
 def chat_turns(experiment:str, # the experiment the app traces into (`mlflow.experiment`)
                since_ms:int=0, # only turns that started after this time (milliseconds since the epoch)
