@@ -27,6 +27,7 @@ from mlflow.entities import AssessmentSource
 from .config import now
 from .monitor import ONLINE_MARK, chat_turns, failing_questions, score_drift, summarize_traffic
 from .feedback import FEEDBACK, read_table
+from .gateway import gateway_usage, usage_summary
 
 # %% ../nbs/23_alerts.ipynb #cell-005
 METRICS = ('satisfaction', 'latency_p95_s', 'error_rate', 'ks_statistic')
@@ -258,7 +259,7 @@ class Follower:
                  embed:Callable|None=None # `texts -> unit vectors` for online passage similarity (`score_online`)
                 ):
         self.experiment, self.store, self.monitor, self.min_interval = experiment, store, monitor, min_interval
-        self.embed = embed
+        self.embed, self.usage = embed, None
         self.reference, self.webhook, self.turns = reference, webhook_url(monitor), None
         self._lock, self._view, self._at = threading.Lock(), None, 0.0
 
@@ -275,6 +276,15 @@ class Follower:
             count = conn.execute(sa.select(sa.func.count()).select_from(FEEDBACK)).scalar()
         return read_table(self.store, where=latest), int(count)
 
+    def _read_usage(self, window:int)->pd.DataFrame:
+        "Per endpoint, its latest `window` requests traced by the gateway (re-read 5 minutes back)."
+        read = self.usage is not None and len(self.usage)
+        since = int(self.usage.time.max().value // 1_000_000) - 300_000 if read else 0
+        new = gateway_usage(since)
+        both = new if self.usage is None else pd.concat([self.usage, new]).drop_duplicates('trace_id', keep='last')
+        self.usage = both.sort_values('time').groupby('endpoint').tail(window).reset_index(drop=True)
+        return usage_summary(self.usage)
+
     def _judge(self)->dict:
         "Judge the rules, open and post alerts, then score the sampled new turns; the live view."
         rules = self.monitor.get('alerts', {})
@@ -287,7 +297,8 @@ class Follower:
         return {'versions': summarize_traffic(recent, feedback), 'checks': checks, 'fired': fired,
                 'rated_down': failing_questions(feedback, 5), 'turns': len(self.turns), 'ratings': ratings,
                 'online': online_summary(recent), 'open_alerts': read_alerts(self.store, open_only=True),
-                'shadow': shadow_summary(pairs := shadow_pairs(self.turns)), 'shadow_pairs': pairs.tail(10)}
+                'shadow': shadow_summary(pairs := shadow_pairs(self.turns)), 'shadow_pairs': pairs.tail(10),
+                'usage': self._read_usage(window)}
 
     def poll(self)->dict:
         "Read what is new, judge the rules, open and post alerts; the live view."

@@ -528,9 +528,9 @@ def _monitor_view(follower:Follower # the app's live view
                  )->tuple:
     "The Monitor tab's contents: the headline with the open alerts, and the tables."
     try: view = follower.poll()
-    except Exception as e: return (f"Monitoring cannot read the traffic now: {type(e).__name__}.", *[None] * 5)
+    except Exception as e: return (f"Monitoring cannot read the traffic now: {type(e).__name__}.", *[None] * 6)
     return (alerts_markdown(view), view['versions'].reset_index(), view['online'].reset_index(), view['checks'],
-            view['rated_down'], view['shadow'].reset_index())
+            view['rated_down'], view['shadow'].reset_index(), view['usage'].reset_index())
 
 def _monitor_tab(follower:Follower, # the app's live view
                  seconds:float # how often it is read again
@@ -544,7 +544,9 @@ def _monitor_tab(follower:Follower, # the app's live view
         down = gr.Dataframe(label='Rated down lately', interactive=False, wrap=True)
         shadow = gr.Dataframe(label='@champion and @challenger on the same questions (shadow traffic)',
                               interactive=False)
-    gr.Timer(seconds).tick(lambda: _monitor_view(follower), None, [head, versions, online, checks, down, shadow],
+        usage = gr.Dataframe(label="The AI gateway's endpoints, over their latest requests: tokens, cost (USD), "
+                                   'guardrails', interactive=False)
+    gr.Timer(seconds).tick(lambda: _monitor_view(follower), None, [head, versions, online, checks, down, shadow, usage],
                            api_name='monitor')
 
 def build_app(models:AppModels, # the versions to talk to

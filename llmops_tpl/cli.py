@@ -135,7 +135,8 @@ def _follow(params:dict # the project's params
             seen = (view['turns'], view['ratings'], view['checks'].firing.tolist())
             click.echo(f"\n{view['turns']} turns, {view['ratings']} ratings\n{view['versions'].to_string()}\n"
                        f"scored online:\n{view['online'].to_string()}\n{view['checks'].to_string(index=False)}"
-                       + (f"\nshadow traffic:\n{view['shadow'].to_string()}" if len(view['shadow']) else ''))
+                       + (f"\nshadow traffic:\n{view['shadow'].to_string()}" if len(view['shadow']) else '')
+                       + (f"\nthe AI gateway:\n{view['usage'].to_string()}" if len(view['usage']) else ''))
         time.sleep(params['monitor']['follow_seconds'])
 
 @main.command()

@@ -6,7 +6,7 @@
 __all__ = ['SELFHOSTED', 'VENDORS', 'BUDGET_PERIODS', 'RATE_LIMIT_TAG', 'CHAT_ROUTE', 'OPEN_ROUTES', 'GUARDRAILS_TAG',
            'GUARDRAIL_TRACE_TAG', 'plan_endpoint', 'plan_gateway', 'endpoint_name', 'EndpointSetting', 'RateLimits',
            'Guardrails', 'server_app', 'gateway_env', 'wait_until_up', 'start_gateway', 'stop_gateway', 'apply_gateway',
-           'openai_base_url', 'endpoint_usage', 'endpoint_identity']
+           'openai_base_url', 'endpoint_usage', 'endpoint_identity', 'gateway_usage', 'usage_summary']
 
 # %% ../nbs/15_gateway.ipynb #cell-001
 import atexit
@@ -468,3 +468,29 @@ def endpoint_identity(url:str, # the gateway server
     return [{'role': str(m.linkage_type.value), 'provider': m.model_definition.provider,
              'model': m.model_definition.model_name,
              'upstream': upstreams.get(m.model_definition.secret_id) or 'vendor API'} for m in ep.model_mappings]
+
+# %% ../nbs/15_gateway.ipynb #e6d080e3
+def gateway_usage(since_ms:int=0 # only requests after this time (milliseconds since the epoch)
+                 )->pd.DataFrame:
+    "Every endpoint's requests traced after `since_ms`, as `endpoint_usage` reads one endpoint's."
+    experiments = {e.experiment_id: e.name.removeprefix('gateway/')
+                   for e in mlflow.search_experiments(filter_string="name LIKE 'gateway/%'")}
+    found = mlflow.search_traces(locations=list(experiments), filter_string=f"trace.timestamp_ms > {int(since_ms)}",
+                                 max_results=5000, order_by=['timestamp_ms ASC'], include_spans=False,
+                                 return_type='list') if experiments else []
+    rows = [{'endpoint': experiments[t.info.experiment_id], **_usage_row(t)} for t in found]
+    return pd.DataFrame(rows, columns=['endpoint', *_USAGE_COLUMNS])
+
+def usage_summary(usage:pd.DataFrame # from `gateway_usage`
+                 )->pd.DataFrame:
+    "Per endpoint: requests, failures, tokens, cost in USD, and what the guardrails redacted or refused."
+    did = usage.guardrail.fillna('')
+    u = usage.assign(request=~did.str.startswith('redacted'), refused=did.str.startswith('refused'),
+                     failed=usage.state.eq('ERROR') & ~did.str.startswith('refused'),
+                     redacted_requests=did.str.startswith('redacted request'),
+                     redacted_replies=did.str.startswith('redacted reply'),
+                     **{c: pd.to_numeric(usage[c]) for c in ('input_tokens', 'output_tokens', 'cost_usd')})
+    return u.groupby('endpoint').agg(requests=('request', 'sum'), failed=('failed', 'sum'),
+                                     input_tokens=('input_tokens', 'sum'), output_tokens=('output_tokens', 'sum'),
+                                     cost_usd=('cost_usd', 'sum'), redacted_requests=('redacted_requests', 'sum'),
+                                     redacted_replies=('redacted_replies', 'sum'), refused=('refused', 'sum'))

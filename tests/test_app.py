@@ -275,7 +275,7 @@ def test_a_burst_of_thumbs_down_fires_one_alert_at_the_webhook_within_seconds(sm
         assert received, (tmp_path/'follow.log').read_text()[-3000:]
         print(f"alert latency from the last thumbs-down to the webhook: {received[0][0] - rated:.1f} s")
         for _ in range(20):  # the Monitor tab judges the same rules, and scores each turn once its trace is in
-            head, versions, online, checks, rated_down, shadow = client.predict(api_name='/monitor')
+            head, versions, online, checks, rated_down, shadow, usage = client.predict(api_name='/monitor')
             if sum(row[1] for row in online['data']) >= 3: break
             time.sleep(1)
         assert re.match(r'\d+ turns and 3 ratings read\. Alerts open: \*\*burst\*\*: satisfaction 0\.0 \(below 0\.5\)', head), head
@@ -327,7 +327,7 @@ def test_challenger_traffic_shadow_pairs_both_answers_and_split_sends_a_user_to_
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         client.predict('How do I serve static files?', 'selfhosted', [], api_name='/ask')
         for _ in range(60):  # the shadow answer is written in the background, then read by the live view
-            *_, shadow = client.predict(api_name='/monitor')
+            *_, shadow, _usage = client.predict(api_name='/monitor')
             if shadow['data']: break
             time.sleep(1)
         assert [row[:3] for row in shadow['data']] == [[str(approved[0]), str(challenger), 1]], shadow

@@ -106,7 +106,8 @@ def test_reviewers_votes_train_a_dpo_candidate_that_is_judged_and_registered(sma
     for q, ref in zip(evl.question, evl.reference):  # the challenger's answer (the reference) preferred to a refusal
         add_vote(store, q, 'challenger', {'version': 1, 'answer': 'I cannot tell.'}, {'version': 2, 'answer': ref}, 'rita')
     add_vote(store, evl.question[0], 'tie', {'version': 1, 'answer': 'a'}, {'version': 2, 'answer': 'b'}, 'rita')
-    run([BIN/'llmops-tpl', 'repro'], project)
+    run([BIN/'llmops-tpl', 'feedback'], project)  # what `llmops-tpl repro` does first: the store's exports
+    run([BIN/'dvc', 'repro', 'register'], project)  # dataset, dpo, evaluate, register (the app and monitor are other tests')
     dpo = read_json(project/'metrics'/'dpo.json')
     assert (dpo['trained'], dpo['pairs'], dpo['steps']) == (True, 4, 2) and dpo['final_reward_margin'] > 0, dpo
     provenance = [json.loads(line) for line in (project/'data'/'dataset'/'feedback.jsonl').read_text().splitlines()]
