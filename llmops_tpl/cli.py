@@ -106,13 +106,24 @@ def _reference(params:dict # the project's params
 
 def _embedder(params:dict # the project's params
              ):
-    "The index's embedder as `texts -> unit vectors`, loaded at first use; None before there is an index."
+    "The index's embedder (sentence-transformers), loaded at first call; None before there is an index."
     from functools import cache
     from llmops_tpl.models import load_embedder
     manifest = project_path(params['paths']['index'])/'manifest.json'
     if not manifest.exists(): return None
-    model = cache(lambda: load_embedder(json.loads(manifest.read_text())['embedder']['name']))
-    return lambda texts: model().encode(texts, normalize_embeddings=True)
+    return cache(lambda: load_embedder(json.loads(manifest.read_text())['embedder']['name']))
+
+def _online_scorers(params:dict # the project's params
+                   )->dict:
+    "The live view's `embed` and `judge` (through `evaluate.judge_endpoint`, when set) for `Follower`."
+    model, endpoint, gw = _embedder(params), params['evaluate']['judge_endpoint'], params['gateway']
+    embed = model and (lambda texts: model().encode(texts, normalize_embeddings=True))
+    if not (model and endpoint): return {'embed': embed}
+    from llmops_tpl.evaluate import LocalEmbeddings, judge_llm, judge_rows
+    from llmops_tpl.gateway import openai_base_url
+    llm = judge_llm(openai_base_url(f"http://{gw['host']}:{gw['port']}"), endpoint,
+                    params['evaluate']['judge_max_tokens'], gw['client_timeout_seconds'], gw['client_max_retries'])
+    return {'embed': embed, 'judge': lambda rows: judge_rows(rows, llm, LocalEmbeddings(model())), 'judge_id': endpoint}
 
 def _follow(params:dict # the project's params
            ):
@@ -122,7 +133,7 @@ def _follow(params:dict # the project's params
     from llmops_tpl.alerts import Follower
     mlflow.set_tracking_uri(database_url(params['mlflow']['tracking_uri'], 'MLFLOW_TRACKING_URI'))
     follower, seen = Follower(params['mlflow']['experiment'], _feedback_store(params), params['monitor'],
-                              _reference(params), embed=_embedder(params)), None
+                              _reference(params), **_online_scorers(params)), None
     click.echo(f"following {params['mlflow']['experiment']} every {params['monitor']['follow_seconds']} s (Ctrl-C)")
     while True:
         try: view = follower.poll()
@@ -400,7 +411,7 @@ def _ui(models, # from `_app_models`
     forward = forward_in_background(store, forward_seconds or params['app']['forward_seconds'])
     route = route or params['rag']['architecture']
     follower = Follower(params['mlflow']['experiment'], store, params['monitor'], lambda: _reference(params),
-                        seconds / 2, _embedder(params))
+                        seconds / 2, **_online_scorers(params))
     return build_app(models, store, params['serve']['max_prompt_chars'], route, forward, reviewers, follower, seconds)
 
 def _launch(ui, # from `_ui`

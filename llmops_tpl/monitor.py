@@ -32,7 +32,8 @@ def _retrieved(trace)->list[dict]:
 
 _TURN_COLUMNS = ['trace_id', 'time_ms', 'model_version', 'index_release', 'route', 'state', 'latency_s', 'question',
                  'top_score', 'scores', 'cites_source', 'answer_words', 'online_scored', 'traffic', 'shadow_of',
-                 'answer', 'prompt_version', 'passages', 'passage_similarity']
+                 'answer', 'prompt_version', 'passages', 'passage_similarity', 'judged', 'faithfulness',
+                 'answer_relevancy']
 
 def _turn(t)->dict:
     docs, root = _retrieved(t), t.data.spans[0] if t.data.spans else None
@@ -49,6 +50,9 @@ def _turn(t)->dict:
             'cites_source': bool(cited_sources(answer, given)), 'answer_words': len(answer.split()),
             'online_scored': ONLINE_MARK in (online := {a.name: a.value for a in t.info.assessments or []}),
             'passage_similarity': float(online.get('online_passage_similarity', np.nan)),
+            'judged': 'online_faithfulness' in online,
+            **{m: float(online.get(f"online_{m}") if online.get(f"online_{m}") is not None else np.nan)
+               for m in ('faithfulness', 'answer_relevancy')},
             'traffic': t.info.tags.get('traffic', 'champion'), 'shadow_of': t.info.tags.get('shadow_of'),
             'answer': scrub(answer), 'prompt_version': t.info.tags.get('prompt_version'),
             'passages': [str(d.get('page_content') or '') for d in docs]}

@@ -291,3 +291,33 @@ def test_the_live_view_counts_each_endpoints_requests_tokens_cost_and_guardrail_
     ask(gateway, 'watched')
     settled(gateway, 'watched', 5)
     assert follower.poll()['usage'].loc['watched', 'requests'] == 4, 'read again incrementally, nothing counted twice'
+
+
+def test_live_turns_are_judged_through_the_gateways_judge_endpoint_in_the_background(gateway, small_project, tmp_path, monkeypatch):
+    "With evaluate.judge_endpoint set, the live view judges each sampled turn with ragas through the gateway: a verdict, or its error, on the trace."
+    from mlflow.entities import Document, SpanType
+    from llmops_tpl.cli import _online_scorers
+    monkeypatch.chdir(small_project)  # its index's embedder
+    params = yaml.safe_load((small_project/'params.yaml').read_text())
+    params['evaluate']['judge_endpoint'], params['gateway']['port'] = 'judge', int(gateway['url'].rsplit(':', 1)[1])
+    before = len(settled(gateway, 'judge', 0))
+    mlflow.set_tracking_uri(gateway['url'])
+    mlflow.set_experiment('online-judge')  # a turn of its own
+    with mlflow.start_span('chat_turn', span_type=SpanType.CHAIN) as root:
+        root.set_inputs({'question': 'How do I serve static files?'})
+        with mlflow.start_span('retrieve', span_type=SpanType.RETRIEVER) as span:
+            span.set_outputs([Document(page_content='Use StaticFiles: app.mount("/static", StaticFiles(directory="static")).',
+                                       metadata={'doc_uri': 'staticfiles.md', 'score': 0.7})])
+        root.set_outputs({'answer': 'Mount StaticFiles at /static. [source: staticfiles.md]'})
+        mlflow.update_current_trace(tags={'model_version': '1'})
+    mlflow.flush_trace_async_logging()
+    follower = Follower('online-judge', open_store(f"sqlite:///{tmp_path/'feedback.db'}"), {'alerts': {}, 'online_eval_share': 1.0},
+                        [], **_online_scorers(params))
+    started = time.monotonic()
+    follower.poll()
+    assert time.monotonic() - started < 30, 'the poll does not wait for the judge'
+    follower._judging.join(timeout=600)
+    verdicts = {a.name: a for a in mlflow.get_trace(root.trace_id).info.assessments if a.source.source_type == 'LLM_JUDGE'}
+    assert set(verdicts) == {'online_faithfulness', 'online_answer_relevancy'}, verdicts
+    assert all(a.source.source_id == 'judge' and (a.error is not None or 0 <= a.value <= 1) for a in verdicts.values()), verdicts
+    assert len(settled(gateway, 'judge', before + 1)) > before, "the verdicts were asked through the gateway's judge endpoint"
