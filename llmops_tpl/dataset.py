@@ -427,9 +427,12 @@ def feedback_rows(reviewed:list[dict], # accepted feedback, as `llmops-tpl repro
 # %% ../nbs/08_dataset.ipynb #840c916a
 def preference_rows(pairs:list[dict], # preference pairs, as `llmops-tpl repro` exports them (`export_preferences`)
                     search, # `search(question, k) -> passages`: the retriever
-                    k:int=2 # passages retrieved into each prompt
+                    k:int=2, # passages retrieved into each prompt
+                    held_out:list[str]=() # the eval split's questions: pairs about them are left out
                    )->tuple[list[dict], list[dict]]:
     "Preference examples (the RAG prompt, the chosen and the rejected answer) and their provenance rows."
+    evaluated = {_normal(q) for q in held_out}
+    pairs = [p for p in pairs if _normal(p['question']) not in evaluated]
     examples = [{'prompt': rag_messages(p['question'], search(p['question'], k)),
                  'chosen': [{'role': 'assistant', 'content': p['chosen']}],
                  'rejected': [{'role': 'assistant', 'content': p['rejected']}]} for p in pairs]

@@ -417,7 +417,8 @@ def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
          candidate:str, # the variant the gate judges
          min_metrics:dict[str, float], # floors: metric name -> lowest value accepted
          min_margin_over_base:dict[str, float]|None=None, # metric name -> how far the candidate must beat `baseline`
-         baseline:str='base' # the variant the margins are measured against
+         baseline:str='base', # the variant the margins are measured against
+         at_least:str|None=None # a variant the candidate must match on every floored metric (`dpo`: its SFT adapter)
         )->dict:
     "The gate's checks on `candidate` (value, threshold, verdict each), and whether all passed."
     got = summaries[candidate]
@@ -428,6 +429,10 @@ def gate(summaries:dict[str, dict], # metric means by variant, from `summarize`
             margin = round(got[m] - summaries[baseline][m], 4)
             checks.append({'check': f"{m} - {baseline} {m} >= {t}", 'metric': f"{m}_margin_over_{baseline}",
                            'value': margin, 'threshold': t, 'passed': margin >= t})
+    for m in min_metrics if at_least and summaries.get(at_least) else ():
+        margin = round(got[m] - summaries[at_least][m], 4)
+        checks.append({'check': f"{m} >= {at_least} {m}", 'metric': f"{m}_margin_over_{at_least}", 'value': margin,
+                       'threshold': 0.0, 'passed': margin >= 0})
     return {'candidate': candidate, 'passed': all(c['passed'] for c in checks), 'checks': checks}
 
 class GateFailed(Exception):

@@ -244,11 +244,9 @@ def _vote_pairs(engine:sa.Engine # the store
     pairs = []
     for v in read_table(engine, VOTES, where=VOTES.c.preferred != 'tie').to_dict('records'):
         win, lose = v['preferred'], 'challenger' if v['preferred'] == 'champion' else 'champion'
-        chosen, rejected = v[f"{win}_answer"] or '', v[f"{lose}_answer"] or ''
-        if chosen.strip() and rejected.strip() and chosen.strip() != rejected.strip():
-            pairs.append(dict(origin='vote', vote_id=v['id'], feedback_id=None, trace_id=v[f"{lose}_trace_id"],
-                              model_version=v[f"{lose}_version"], reviewer=v['reviewer'], reviewed_at=v['created_at'],
-                              question=v['question'], chosen=chosen, rejected=rejected))
+        pairs.append(dict(origin='vote', vote_id=v['id'], feedback_id=None, trace_id=v[f"{lose}_trace_id"],
+                          model_version=v[f"{lose}_version"], reviewer=v['reviewer'], reviewed_at=v['created_at'],
+                          question=v['question'], chosen=v[f"{win}_answer"] or '', rejected=v[f"{lose}_answer"] or ''))
     return pairs
 
 def _correction_pairs(engine:sa.Engine # the store
@@ -259,13 +257,15 @@ def _correction_pairs(engine:sa.Engine # the store
     return [dict(origin='correction', vote_id=None, feedback_id=r['id'], trace_id=r['trace_id'],
                  model_version=r['model_version'], reviewer=r['reviewer'], reviewed_at=r['reviewed_at'],
                  question=r['question'], chosen=r['correction'], rejected=r['answer'])
-            for r in rows.to_dict('records') if r['correction'].strip() != r['answer'].strip()]
+            for r in rows.to_dict('records')]
 
 def preference_pairs(engine:sa.Engine # the store
                     )->pd.DataFrame:
     "Votes and corrected thumbs-down as (question, chosen, rejected) pairs, scrubbed, with provenance."
     pairs = pd.DataFrame(_vote_pairs(engine) + _correction_pairs(engine), columns=PAIR_COLUMNS, dtype=object)
-    return pairs.assign(**{c: pairs[c].map(scrub) for c in ('question', 'chosen', 'rejected')})
+    pairs = pairs.assign(**{c: pairs[c].map(scrub) for c in ('question', 'chosen', 'rejected')})
+    chosen, rejected = pairs.chosen.str.strip(), pairs.rejected.str.strip()  # compared as they will be learned
+    return pairs[(chosen != '') & (rejected != '') & (chosen != rejected)].reset_index(drop=True)
 
 def export_preferences(engine:sa.Engine, # the store
                        path:Path|str # the JSON lines file to write

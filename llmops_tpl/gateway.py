@@ -470,14 +470,16 @@ def endpoint_identity(url:str, # the gateway server
              'upstream': upstreams.get(m.model_definition.secret_id) or 'vendor API'} for m in ep.model_mappings]
 
 # %% ../nbs/15_gateway.ipynb #e6d080e3
-def gateway_usage(since_ms:int=0 # only requests after this time (milliseconds since the epoch)
+def gateway_usage(since_ms:int=0, # only requests after this time (milliseconds since the epoch)
+                  newest:bool=False # the newest 5000 rather than the first (a first read of a busy gateway)
                  )->pd.DataFrame:
     "Every endpoint's requests traced after `since_ms`, as `endpoint_usage` reads one endpoint's."
     experiments = {e.experiment_id: e.name.removeprefix('gateway/')
                    for e in mlflow.search_experiments(filter_string="name LIKE 'gateway/%'")}
     found = mlflow.search_traces(locations=list(experiments), filter_string=f"trace.timestamp_ms > {int(since_ms)}",
-                                 max_results=5000, order_by=['timestamp_ms ASC'], include_spans=False,
-                                 return_type='list') if experiments else []
+                                 max_results=5000, order_by=[f"timestamp_ms {'DESC' if newest else 'ASC'}"],
+                                 include_spans=False, return_type='list') if experiments else []
+    found = found[::-1] if newest else found  # oldest first
     rows = [{'endpoint': experiments[t.info.experiment_id], **_usage_row(t)} for t in found]
     return pd.DataFrame(rows, columns=['endpoint', *_USAGE_COLUMNS])
 

@@ -318,6 +318,6 @@ def test_live_turns_are_judged_through_the_gateways_judge_endpoint_in_the_backgr
     assert time.monotonic() - started < 30, 'the poll does not wait for the judge'
     follower._judging.join(timeout=600)
     verdicts = {a.name: a for a in mlflow.get_trace(root.trace_id).info.assessments if a.source.source_type == 'LLM_JUDGE'}
-    assert set(verdicts) == {'online_faithfulness', 'online_answer_relevancy'}, verdicts
+    assert set(verdicts) == {'online_faithfulness', 'online_answer_relevancy'}, verdicts  # an unreached judge logs none
     assert all(a.source.source_id == 'judge' and (a.error is not None or 0 <= a.value <= 1) for a in verdicts.values()), verdicts
     assert len(settled(gateway, 'judge', before + 1)) > before, "the verdicts were asked through the gateway's judge endpoint"

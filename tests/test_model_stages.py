@@ -98,18 +98,22 @@ def test_reviewers_votes_train_a_dpo_candidate_that_is_judged_and_registered(sma
     assert read_json(small_project/'metrics'/'gate.json')['candidate'] == 'finetuned'
     project = copy_project(small_project, tmp_path/'project')
     params = yaml.safe_load((project/'params.yaml').read_text())
-    params['dpo'].update(min_pairs=4, max_steps=2, batch_size=2, grad_accum=1)
+    params['dpo'].update(min_pairs=4, max_steps=2, batch_size=2, grad_accum=1, lr=5e-4)
     (project/'params.yaml').write_text(yaml.safe_dump(params, sort_keys=False))
     (project/'feedback.db').unlink(missing_ok=True)  # a store of its own: other tests' feedback would change the SFT data
     store = open_store(f"sqlite:///{project/'feedback.db'}")
-    evl = pd.read_json(project/'data'/'dataset'/'eval.jsonl', lines=True).head(4)
-    for q, ref in zip(evl.question, evl.reference):  # the challenger's answer (the reference) preferred to a refusal
+    train = [json.loads(line) for line in (project/'data'/'dataset'/'train.jsonl').read_text().splitlines()][:4]
+    asked = [(t['prompt'][1]['content'].rsplit('Question: ', 1)[1], t['completion'][0]['content']) for t in train]
+    for q, ref in asked:  # training questions: the challenger's answer (the reference) preferred to a refusal
         add_vote(store, q, 'challenger', {'version': 1, 'answer': 'I cannot tell.'}, {'version': 2, 'answer': ref}, 'rita')
-    add_vote(store, evl.question[0], 'tie', {'version': 1, 'answer': 'a'}, {'version': 2, 'answer': 'b'}, 'rita')
+    add_vote(store, asked[0][0], 'tie', {'version': 1, 'answer': 'a'}, {'version': 2, 'answer': 'b'}, 'rita')
+    held_out = pd.read_json(project/'data'/'dataset'/'eval.jsonl', lines=True).iloc[0]
+    add_vote(store, held_out.question, 'challenger', {'version': 1, 'answer': 'No.'}, {'version': 2, 'answer': held_out.reference}, 'rita')
     run([BIN/'llmops-tpl', 'feedback'], project)  # what `llmops-tpl repro` does first: the store's exports
     run([BIN/'dvc', 'repro', 'register'], project)  # dataset, dpo, evaluate, register (the app and monitor are other tests')
     dpo = read_json(project/'metrics'/'dpo.json')
-    assert (dpo['trained'], dpo['pairs'], dpo['steps']) == (True, 4, 2) and dpo['final_reward_margin'] > 0, dpo
+    assert (dpo['trained'], dpo['pairs'], dpo['steps']) == (True, 4, 2), 'the held-out question is left out'
+    assert dpo['mean_margin_dpo'] > dpo['mean_margin_sft'], dpo  # the chosen answers gained on the rejected ones
     provenance = [json.loads(line) for line in (project/'data'/'dataset'/'feedback.jsonl').read_text().splitlines()]
     assert [(p['use'], p['vote_id'], p['reviewer']) for p in provenance] == [('preference', i, 'rita') for i in (1, 2, 3, 4)]
     assert {'finetuned', 'dpo'} <= set(read_json(project/'metrics'/'eval.json')), 'evaluated beside the SFT adapter'
