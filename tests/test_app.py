@@ -311,9 +311,11 @@ def test_challenger_traffic_shadow_pairs_both_answers_and_split_sends_a_user_to_
     mlflow.set_tracking_uri(f"sqlite:///{project/'mlflow.db'}")
     challenger = approved[0]  # the only version: @champion, and @challenger too, set here
     mlflow.MlflowClient().set_registered_model_alias('llmops-tpl-rag', 'challenger', str(challenger))
+    since = int(time.time() * 1000)  # this test's turns: the copied project may hold other tests' (a chat through the gateway)
     def turns():
         return mlflow.search_traces(locations=[mlflow.get_experiment_by_name('llmops-tpl').experiment_id],
-                                    filter_string="trace.name = 'chat_turn'", return_type='list')
+                                    filter_string=f"trace.name = 'chat_turn' AND trace.timestamp_ms > {since}",
+                                    return_type='list')
     def app_in(mode):
         params = yaml.safe_load((project/'params.yaml').read_text())
         params['app']['challenger_traffic'] = {'mode': mode, 'share': 1.0}

@@ -172,6 +172,8 @@ def test_reviewed_feedback_reaches_the_next_round_scrubbed_with_provenance(refre
     assert not any('not yet reviewed' in json.dumps(e) for e in lines('train.jsonl'))
     [reg] = lines('regression.jsonl')
     assert (reg['reference'], reg['feedback_id'], reg['trace_id'], reg['reviewer'], reg['model_version']) == (correction, fid, 'tr-abc', 'rita', '1')
-    assert {e['use'] for e in lines('feedback.jsonl')} == {'train', 'regression'}
+    assert {e['use'] for e in lines('feedback.jsonl')} == {'train', 'regression', 'preference'}  # the correction over the answer
+    [pair] = lines('preferences.jsonl')  # and a preference pair: the correction over the answer
+    assert (pair['chosen'][0]['content'], pair['rejected'][0]['content']) == (correction, 'No idea.')
     metrics = read_json(small_project/'metrics'/'dataset.json')
     assert (metrics['feedback_train_examples'], metrics['regression_questions']) == (1, 1)
